@@ -1,0 +1,167 @@
+//! `sdpa`: a core attention backed by libtorch's `scaled_dot_product_attention` (flash, cuDNN
+//! or memory-efficient kernels on CUDA, a fused CPU kernel or the math path on CPU), with the
+//! same semantics as `dot-product-attention`:
+//!
+//! * scale `softmax_scale` or `1/sqrt(kv_channels)` (layer scaling cancels out, as it does in
+//!   Megatron up to rounding);
+//! * GQA through `enable_gqa`, without repeating keys and values;
+//! * `causal` with no mask builds no mask tensor: `is_causal` when `sq > 1` (needs `sq == sk`),
+//!   nothing for a single query token;
+//! * a boolean mask (true = masked) becomes SDPA's keep-mask; a row whose keys are all masked
+//!   gets what Megatron's `-10000` fill gives it, the uniform average of every value, instead of
+//!   SDPA's NaN;
+//! * `attention_bias` becomes SDPA's additive float mask (masked positions set to -inf);
+//! * packed THD sequences through the block-diagonal mask.
+//!
+//! Softmax precision is the kernel's own (fp32 accumulation on every backend), so for fp16/bf16
+//! inputs it matches `attention_softmax_in_fp32 = true`.
+
+use attention_spec::module::{CoreAttention, CoreAttentionInput};
+use attention_spec::registry::{Builder, CoreAttentionArgs, ModuleFactory, NoParams};
+use attention_spec::{AttnMaskType, ForwardError, SpecError};
+use tch::{Kind, Tensor};
+
+use crate::check::check_core_input;
+use crate::mask::{CausalMaskCache, check_causal_square, effective_mask};
+
+/// The SDPA-backed core attention.
+#[derive(Debug)]
+pub struct SdpaAttention {
+    attn_mask_type: AttnMaskType,
+    scale: f64,
+    dropout: f64,
+    causal_masks: CausalMaskCache,
+}
+
+impl SdpaAttention {
+    /// Builds the module from its slot arguments.
+    pub fn new(args: &CoreAttentionArgs<'_>) -> Result<Self, SpecError> {
+        let _: NoParams = args.params.decode("sdpa")?;
+        if args.config.context_parallel_size != 1 {
+            return Err(SpecError::Unsupported {
+                place: args.params.place.clone(),
+                what: format!(
+                    "context parallelism (context_parallel_size = {}) in sdpa",
+                    args.config.context_parallel_size
+                ),
+            });
+        }
+        let scale =
+            args.config.softmax_scale.unwrap_or(1.0 / (args.config.kv_channels as f64).sqrt());
+        Ok(Self {
+            attn_mask_type: args.attn_mask_type,
+            scale,
+            dropout: args.config.attention_dropout,
+            causal_masks: CausalMaskCache::default(),
+        })
+    }
+}
+
+impl CoreAttention for SdpaAttention {
+    fn kind(&self) -> &'static str {
+        "sdpa"
+    }
+
+    fn forward(&self, input: &CoreAttentionInput<'_>) -> Result<Tensor, ForwardError> {
+        let d = check_core_input(input)?;
+        let (sq, b, np, hn) = (d.sq, d.b, d.np, d.hn);
+        // 1. [s, b, heads, hn] -> [b, heads, s, hn] views (no copies).
+        let q = input.query.f_permute([1, 2, 0, 3])?;
+        let k = input.key.f_permute([1, 2, 0, 3])?;
+        let v = input.value.f_permute([1, 2, 0, 3])?;
+        let dropout = if input.training { self.dropout } else { 0.0 };
+        let gqa = np != d.ngp;
+
+        // 2. Causal without a mask tensor: let the kernel do it.
+        let plain_causal = self.attn_mask_type == AttnMaskType::Causal
+            && input.attention_mask.is_none()
+            && input.packed_seq_params.is_none();
+        if plain_causal && input.attention_bias.is_none() {
+            if sq > 1 {
+                check_causal_square(&d)?;
+            }
+            let out = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                dropout,
+                sq > 1,
+                self.scale,
+                gqa,
+            )?;
+            return to_sbh(&out, sq, b, np, hn);
+        }
+
+        // 3. General case: an explicit boolean mask and/or a bias.
+        let mask = effective_mask(input, self.attn_mask_type, &d, &self.causal_masks)?;
+        // Rows whose keys are all masked: Megatron's -10000 fill makes them uniform.
+        let full_rows = match &mask {
+            Some(m) => Some(m.f_all_dim(-1, true)?),
+            None => None,
+        };
+        let attn_mask = match (&mask, input.attention_bias) {
+            (None, None) => None,
+            (Some(m), None) => {
+                let keep = m.f_logical_not()?;
+                Some(match &full_rows {
+                    Some(f) => keep.f_logical_or(f)?,
+                    None => keep,
+                })
+            }
+            (m, Some(bias)) => {
+                let bias = bias.f_to_kind(q.kind())?;
+                Some(match (m, &full_rows) {
+                    (Some(m), Some(f)) => {
+                        let hidden = m.f_logical_and(&f.f_logical_not()?)?;
+                        Tensor::f_where_scalarself(&hidden, f64::NEG_INFINITY, &bias)?
+                    }
+                    _ => bias,
+                })
+            }
+        };
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            attn_mask.as_ref(),
+            dropout,
+            false,
+            self.scale,
+            gqa,
+        )?;
+        let out = match &full_rows {
+            Some(full) => {
+                // Uniform attention over all sk keys, per query head.
+                let mean = v.f_mean_dim(-2, true, None::<Kind>)?;
+                let mean = if gqa {
+                    mean.f_repeat_interleave_self_int(np / d.ngp, 1, None)?
+                } else {
+                    mean
+                };
+                mean.f_expand_as(&out)?.f_where_self(full, &out)?
+            }
+            None => out,
+        };
+        to_sbh(&out, sq, b, np, hn)
+    }
+}
+
+/// `[b, np, sq, hn]` -> `[sq, b, np * hn]`.
+fn to_sbh(out: &Tensor, sq: i64, b: i64, np: i64, hn: i64) -> Result<Tensor, ForwardError> {
+    Ok(out.f_permute([2, 0, 1, 3])?.f_contiguous()?.f_view([sq, b, np * hn])?)
+}
+
+fn build(args: &CoreAttentionArgs<'_>) -> Result<Box<dyn CoreAttention>, SpecError> {
+    Ok(Box::new(SdpaAttention::new(args)?))
+}
+
+inventory::submit! {
+    ModuleFactory {
+        kind: "sdpa",
+        aliases: &["ScaledDotProductAttention"],
+        summary: "libtorch scaled_dot_product_attention (flash / cuDNN / CPU fused), GQA native",
+        registered_in: module_path!(),
+        builder: Builder::CoreAttention(build),
+    }
+}

@@ -1,0 +1,207 @@
+//! The module roles a spec slot can hold, as object-safe traits, with the inputs their
+//! forwards take and the error they return.
+//!
+//! Implementations live in other crates (`attention-core`, `attention-inference`,
+//! `attention-cuda`) and register themselves in the [`registry`](crate::registry). The traits
+//! live here because the registry's entries build them.
+//!
+//! Layout convention (Megatron's, used throughout the workspace): activations are
+//! sequence-first, `[s, b, h]`; per-head tensors are `[s, b, heads, head_dim]`. Packed (THD)
+//! sequences use `b = 1` and [`PackedSeqParams`].
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Megatron's `AttnMaskType`, the mask a core attention is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttnMaskType {
+    /// A caller-supplied mask (Megatron's default for `SelfAttention`).
+    Padding,
+    /// Lower-triangular; built by the core attention when no mask is given and `sq > 1`.
+    Causal,
+    /// No mask.
+    NoMask,
+    /// Padding and causal (THD packed sequences).
+    PaddingCausal,
+    /// Any caller-supplied mask.
+    Arbitrary,
+}
+
+impl AttnMaskType {
+    /// The name used in TOML and fixtures.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Padding => "padding",
+            Self::Causal => "causal",
+            Self::NoMask => "no_mask",
+            Self::PaddingCausal => "padding_causal",
+            Self::Arbitrary => "arbitrary",
+        }
+    }
+}
+
+impl fmt::Display for AttnMaskType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether a core attention serves a self or a cross attention (Megatron `attention_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttentionType {
+    /// Keys and values come from the same sequence as the queries.
+    SelfAttention,
+    /// Keys and values come from `key_value_states`.
+    CrossAttention,
+}
+
+/// Packed variable-length sequences in THD layout (Megatron `PackedSeqParams` with
+/// `qkv_format = "thd"`): the batch dimension is 1 and sequence `i` occupies tokens
+/// `cu_seqlens[i]..cu_seqlens[i+1]`. Tokens of different sequences never attend to each other.
+#[derive(Debug)]
+pub struct PackedSeqParams {
+    /// Cumulative query lengths, int32 or int64 `[n + 1]`, starting at 0.
+    pub cu_seqlens_q: Tensor,
+    /// Cumulative key/value lengths, `[n + 1]`.
+    pub cu_seqlens_kv: Tensor,
+    /// Longest query sequence.
+    pub max_seqlen_q: i64,
+    /// Longest key/value sequence.
+    pub max_seqlen_kv: i64,
+}
+
+impl PackedSeqParams {
+    /// Packed self-attention sequences of the given lengths (same for queries and keys).
+    pub fn from_lengths(lengths: &[i64], device: Device) -> Self {
+        let mut cu = Vec::with_capacity(lengths.len() + 1);
+        cu.push(0i64);
+        for l in lengths {
+            cu.push(cu.last().copied().unwrap_or(0) + l);
+        }
+        let max = lengths.iter().copied().max().unwrap_or(0);
+        let t = Tensor::from_slice(&cu).to_device(device);
+        Self {
+            cu_seqlens_q: t.shallow_clone(),
+            cu_seqlens_kv: t,
+            max_seqlen_q: max,
+            max_seqlen_kv: max,
+        }
+    }
+}
+
+/// Inputs of a core attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct CoreAttentionInput<'a> {
+    /// `[sq, b, np, hn]`.
+    pub query: &'a Tensor,
+    /// `[sk, b, ngp, hn]`.
+    pub key: &'a Tensor,
+    /// `[sk, b, ngp, hn]`.
+    pub value: &'a Tensor,
+    /// Boolean, `true` = masked out; broadcastable to `[b, np, sq, sk]`.
+    pub attention_mask: Option<&'a Tensor>,
+    /// The caller's mask type (Megatron's local attention ignores it and uses its own).
+    pub attn_mask_type: AttnMaskType,
+    /// Added to the scaled scores before the softmax (TE's `post_scale_bias`);
+    /// broadcastable to `[b, np, sq, sk]`.
+    pub attention_bias: Option<&'a Tensor>,
+    /// Packed THD sequences (then `b = 1`).
+    pub packed_seq_params: Option<&'a PackedSeqParams>,
+    /// Training mode: attention dropout is applied.
+    pub training: bool,
+}
+
+/// What went wrong in a forward: bad input caught before any kernel ran, or libtorch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForwardError {
+    /// A tensor has the wrong shape.
+    #[error("{name}: expected shape {expected}, got {got:?}")]
+    Shape {
+        /// Which input.
+        name: &'static str,
+        /// The expected shape, in words.
+        expected: String,
+        /// The actual shape.
+        got: Vec<i64>,
+    },
+    /// A tensor has the wrong element type.
+    #[error("{name}: expected dtype {expected}, got {got:?}")]
+    Dtype {
+        /// Which input.
+        name: &'static str,
+        /// The expected dtype(s), in words.
+        expected: String,
+        /// The actual dtype.
+        got: Kind,
+    },
+    /// A tensor is on the wrong device.
+    #[error("{name}: expected device {expected:?}, got {got:?}")]
+    Device {
+        /// Which input.
+        name: &'static str,
+        /// The module's device.
+        expected: Device,
+        /// The tensor's device.
+        got: Device,
+    },
+    /// An input is inconsistent in another way.
+    #[error("{name}: {reason}")]
+    Invalid {
+        /// Which input.
+        name: &'static str,
+        /// What is wrong, with values.
+        reason: String,
+    },
+    /// A valid request this module does not support.
+    #[error("not supported by {module}: {what}")]
+    Unsupported {
+        /// The module kind.
+        module: &'static str,
+        /// What.
+        what: String,
+    },
+    /// libtorch raised an error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// A linear layer in a `linear_*` slot (Megatron `ColumnParallelLinear`/`RowParallelLinear`).
+pub trait Linear: fmt::Debug + Send {
+    /// The registered kind.
+    fn kind(&self) -> &'static str;
+    /// `[.., in] -> [.., out]`. Returns the bias separately (not added) when the layer was
+    /// built with `skip_bias_add`, as Megatron's `(output, output_bias)`.
+    fn forward(&self, input: &Tensor) -> Result<(Tensor, Option<Tensor>), ForwardError>;
+    /// The weight, `[out, in]`.
+    fn weight(&self) -> &Tensor;
+    /// The bias, `[out]`, if any.
+    fn bias(&self) -> Option<&Tensor>;
+}
+
+/// A norm in a `q_layernorm`/`k_layernorm` slot, applied over the last dimension.
+pub trait Norm: fmt::Debug + Send {
+    /// The registered kind.
+    fn kind(&self) -> &'static str;
+    /// Normalizes the last dimension; the output has the input's shape and dtype.
+    fn forward(&self, input: &Tensor) -> Result<Tensor, ForwardError>;
+    /// True for the identity (no norm), which Megatron represents as `None`.
+    fn is_identity(&self) -> bool {
+        false
+    }
+}
+
+/// A core attention in the `core_attention` slot (Megatron `DotProductAttention`).
+pub trait CoreAttention: fmt::Debug + Send {
+    /// The registered kind.
+    fn kind(&self) -> &'static str;
+    /// Attention of `input.query` over `input.key`/`input.value`.
+    ///
+    /// # Shapes
+    /// query `[sq, b, np, hn]`, key and value `[sk, b, ngp, hn]` with `np % ngp == 0`
+    /// (query head `n` uses key/value head `n / (np / ngp)`); output `[sq, b, np * hn]`.
+    fn forward(&self, input: &CoreAttentionInput<'_>) -> Result<Tensor, ForwardError>;
+}
