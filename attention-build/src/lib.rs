@@ -13,7 +13,7 @@
 //! attention-build = "0.0.0"
 //! ```
 //!
-//! ```no_run
+//! ```text
 //! // build.rs
 //! fn main() {
 //!     attention_build::link_libtorch();

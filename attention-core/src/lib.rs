@@ -49,6 +49,7 @@ pub mod check;
 pub mod dot_product;
 pub mod linear;
 pub mod mask;
+pub mod model;
 pub mod norm;
 pub mod rotary;
 pub mod sdpa;
@@ -57,6 +58,7 @@ pub mod weights;
 pub use attention::{
     Attention, AttentionInput, AttentionOutput, CrossAttention, RotaryPosEmb, SelfAttention,
 };
+pub use model::BuiltLayers;
 pub use rotary::RotaryEmbedding;
 
 use attention_spec::{Registry, SpecError};

@@ -107,7 +107,7 @@ impl RotaryEmbedding {
     fn freqs(&self, max_seq_len: i64, offset: i64, device: Device) -> Tensor {
         let mut seq = Tensor::arange(max_seq_len, (Kind::Float, device)) + offset;
         if let Some(f) = self.seq_len_interpolation_factor {
-            seq = seq * (1.0 / f);
+            seq *= 1.0 / f;
         }
         seq.outer(&self.inv_freq.to_device(device))
     }

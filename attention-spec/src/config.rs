@@ -570,17 +570,16 @@ impl TransformerConfigSpec {
         }
         let recompute_modules =
             self.recompute_modules.clone().unwrap_or_else(|| vec!["core_attn".to_string()]);
-        if self.recompute_granularity == Some(RecomputeGranularity::Selective) {
-            if let Some(bad) =
-                recompute_modules.iter().find(|m| !RECOMPUTE_MODULES.contains(&m.as_str()))
-            {
-                return Err(SpecError::InvalidValue {
-                    place: place.key("recompute_modules"),
-                    field: "recompute_modules",
-                    value: format!("\"{bad}\""),
-                    reason: format!("allowed modules are {}", RECOMPUTE_MODULES.join(", ")),
-                });
-            }
+        let selective = self.recompute_granularity == Some(RecomputeGranularity::Selective);
+        if let Some(bad) =
+            recompute_modules.iter().find(|m| selective && !RECOMPUTE_MODULES.contains(&m.as_str()))
+        {
+            return Err(SpecError::InvalidValue {
+                place: place.key("recompute_modules"),
+                field: "recompute_modules",
+                value: format!("\"{bad}\""),
+                reason: format!("allowed modules are {}", RECOMPUTE_MODULES.join(", ")),
+            });
         }
         Ok(TransformerConfig {
             num_layers,

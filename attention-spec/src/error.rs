@@ -266,10 +266,8 @@ impl SpecError {
     /// Fills in the line and column of this error's place from the source text it came from.
     /// The deepest part of the key path that exists in the text is used.
     pub fn locate(mut self, source: &str) -> Self {
-        if let Some(place) = self.place_mut() {
-            if place.line_col.is_none() {
-                place.line_col = crate::file::locate(source, &place.path);
-            }
+        if let Some(place) = self.place_mut().filter(|p| p.line_col.is_none()) {
+            place.line_col = crate::file::locate(source, &place.path);
         }
         self
     }

@@ -57,6 +57,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from safetensors.torch import save_file  # noqa: E402
 import megatron.core.package_info as package_info  # noqa: E402
 
+# From a wheel unzipped inside a git checkout the version carries that checkout's commit.
+MEGATRON_VERSION = package_info.__version__.split("+")[0]
+
 MASK_TYPES = {
     "causal": AttnMaskType.causal,
     "padding": AttnMaskType.padding,
@@ -221,7 +224,7 @@ def run_case(case, out_dir, seed):
     os.makedirs(case_dir)
     save_file(tensors, os.path.join(case_dir, "tensors.safetensors"))
     lines = [
-        f"# Megatron-Core {package_info.__version__} {'CrossAttention' if cross else 'SelfAttention'}, local spec, CPU fp32.",
+        f"# Megatron-Core {MEGATRON_VERSION} {'CrossAttention' if cross else 'SelfAttention'}, local spec, CPU fp32.",
         "# Written by tools/megatron-golden/generate.py; do not edit.",
         "[case]",
         f'attention = "{"cross" if cross else "self"}"',
@@ -246,7 +249,7 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("--only", nargs="*", help="case names to (re)generate")
     args = ap.parse_args()
-    assert package_info.__version__ == "0.19.2", package_info.__version__
+    assert MEGATRON_VERSION == "0.19.2", package_info.__version__
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
