@@ -40,7 +40,8 @@ pub enum RotaryPosEmb<'a> {
 }
 
 impl<'a> RotaryPosEmb<'a> {
-    fn pair(self) -> (&'a Tensor, &'a Tensor) {
+    /// The query table and the key table.
+    pub fn pair(self) -> (&'a Tensor, &'a Tensor) {
         match self {
             Self::Shared(t) => (t, t),
             Self::Separate { query, key } => (query, key),
@@ -58,7 +59,8 @@ pub struct AttentionInput<'a> {
     /// `[sk, b, h]`: required by cross attention, refused by self attention.
     pub key_value_states: Option<&'a Tensor>,
     /// Rotary table(s) `[S, 1, 1, rot_dim]` with `S >= sq` (`>= sk` for keys); the first
-    /// `sq` (`sk`) rows are used; with packed sequences positions restart in every sequence.
+    /// `sq` (`sk`) rows are used; with packed sequences positions restart in every sequence
+    /// and `S >= max_seqlen_q` (`max_seqlen_kv`) instead.
     pub rotary_pos_emb: Option<RotaryPosEmb<'a>>,
     /// Added to the scaled scores before the softmax, broadcastable to `[b, nh, sq, sk]`.
     pub attention_bias: Option<&'a Tensor>,
@@ -249,22 +251,23 @@ fn wrong_builder(m: &ResolvedModule) -> SpecError {
 
 /// Options of the config this build does not implement yet are refused here, once, instead of
 /// being silently ignored.
-fn check_supported(config: &TransformerConfig, place: &Place) -> Result<(), SpecError> {
+fn check_supported(config: &TransformerConfig) -> Result<(), SpecError> {
     let unsupported = [
-        (config.qk_clip, "qk_clip"),
-        (config.log_max_attention_logit, "log_max_attention_logit"),
-        (config.delay_wgrad_compute, "delay_wgrad_compute"),
-        (config.test_mode, "test_mode (run_realtime_tests)"),
+        (config.qk_clip, "qk_clip", "qk_clip"),
+        (config.log_max_attention_logit, "log_max_attention_logit", "log_max_attention_logit"),
+        (config.delay_wgrad_compute, "delay_wgrad_compute", "delay_wgrad_compute"),
+        (config.test_mode, "test_mode", "test_mode (run_realtime_tests)"),
         (
             config.recompute_granularity == Some(RecomputeGranularity::Selective)
                 && config.checkpoint_core_attention(),
+            "recompute_granularity",
             "selective recompute of core_attn",
         ),
     ];
-    for (on, what) in unsupported {
+    for (on, field, what) in unsupported {
         if on {
             return Err(SpecError::Unsupported {
-                place: place.key("transformer"),
+                place: Place::root().key("transformer").key(field),
                 what: format!("{what} is not implemented by this build yet"),
             });
         }
@@ -309,16 +312,19 @@ fn check_hidden(
     Ok((s, b))
 }
 
+/// `s` is the number of positions the table must cover: the sequence length, or for packed
+/// sequences the longest one (`max_seqlen_q` / `max_seqlen_kv`), since positions restart in
+/// every sequence.
 fn check_rotary(
     emb: &Tensor,
     name: &'static str,
     s: i64,
-    packed: bool,
     hn: i64,
     device: Device,
 ) -> Result<(), ForwardError> {
     let size = emb.size();
-    let ok = matches!(size.as_slice(), &[len, 1, 1, d] if d >= 2 && d % 2 == 0 && d <= hn && (packed || len >= s));
+    let ok =
+        matches!(size.as_slice(), &[len, 1, 1, d] if d >= 2 && d % 2 == 0 && d <= hn && len >= s);
     if !ok {
         return Err(ForwardError::Shape {
             name,
@@ -376,14 +382,18 @@ fn check_input(
     if let Some(bias) = input.attention_bias {
         check_bias(bias, b, dims.np, sq, sk, device)?;
     }
-    let packed = input.packed_seq_params.is_some();
     if let Some(p) = input.packed_seq_params {
         check_packed(p, b)?;
     }
     if let Some(rope) = input.rotary_pos_emb {
         let (q, k) = rope.pair();
-        check_rotary(q, "rotary_pos_emb (query)", sq, packed, dims.hn, device)?;
-        check_rotary(k, "rotary_pos_emb (key)", sk, packed, dims.hn, device)?;
+        // Packed sequences index the table by position within their sequence.
+        let (lq, lk) = match input.packed_seq_params {
+            Some(p) => (p.max_seqlen_q, p.max_seqlen_kv),
+            None => (sq, sk),
+        };
+        check_rotary(q, "rotary_pos_emb (query)", lq, dims.hn, device)?;
+        check_rotary(k, "rotary_pos_emb (key)", lk, dims.hn, device)?;
     }
     Ok((sq, b, sk))
 }
@@ -471,7 +481,7 @@ impl SelfAttention {
         layer_number: i64,
         attn_mask_type: AttnMaskType,
     ) -> Result<Self, SpecError> {
-        check_supported(config, &submodules.linear_qkv.place)?;
+        check_supported(config)?;
         let dims = Dims::new(config);
         let qkv_out = config.query_projection_size() + 2 * config.kv_projection_size();
         let linear_qkv = build_linear(
@@ -630,6 +640,51 @@ impl SelfAttention {
     }
 }
 
+impl SelfAttention {
+    /// Megatron's `forward` with an `inference_context`: projections and Q/K norms here, then
+    /// the context stores the new keys and values, applies rotary as its cache requires and
+    /// attends over the cached prefix (`_adjust_key_value_for_inference` and the core
+    /// attention); `linear_proj` here. `input.rotary_pos_emb` must cover every position the
+    /// step touches.
+    ///
+    /// # Shapes
+    /// `hidden_states` `[s, b, h]` (static context) or `[T, 1, h]` (paged context) → output of
+    /// the same shape.
+    pub fn forward_with_context(
+        &self,
+        input: &AttentionInput<'_>,
+        context: &mut dyn crate::inference::InferenceContext,
+    ) -> Result<AttentionOutput, ForwardError> {
+        let (kind, device) = param_kind_device(self.linear_qkv.as_ref());
+        let (sq, b) = check_hidden("hidden_states", input.hidden_states, &self.dims, kind, device)?;
+        if input.key_value_states.is_some() {
+            return Err(ForwardError::Invalid {
+                name: "key_value_states",
+                reason: "self attention takes its keys and values from hidden_states".into(),
+            });
+        }
+        if let Some(rope) = input.rotary_pos_emb {
+            let (q, k) = rope.pair();
+            check_rotary(q, "rotary_pos_emb (query)", 1, self.dims.hn, device)?;
+            check_rotary(k, "rotary_pos_emb (key)", 1, self.dims.hn, device)?;
+        }
+        let QkvTensors::Split { query, key, value } = self.qkv(input.hidden_states, sq, b, true)?
+        else {
+            unreachable!("split_qkv = true returns split tensors")
+        };
+        let layer = crate::inference::LayerContext {
+            layer_number: self.layer_number,
+            config: &self.config,
+            core_attention: self.core_attention.as_ref(),
+            attn_mask_type: self.attn_mask_type,
+        };
+        let core_out =
+            context.attend(&layer, crate::inference::Qkv { query, key, value }, input)?;
+        let (output, bias) = self.linear_proj.forward(&core_out)?;
+        Ok(AttentionOutput { output, bias })
+    }
+}
+
 /// Megatron's `CrossAttention`: queries from `hidden_states` `[sq, b, h]`, keys and values from
 /// `key_value_states` `[sk, b, h]`. No GQA (refused at resolution), no Q/K norms.
 #[derive(Debug)]
@@ -654,7 +709,7 @@ impl CrossAttention {
         layer_number: i64,
         attn_mask_type: AttnMaskType,
     ) -> Result<Self, SpecError> {
-        check_supported(config, &submodules.linear_q.place)?;
+        check_supported(config)?;
         if config.num_query_groups != config.num_attention_heads {
             return Err(SpecError::Incompatible {
                 place: submodules.linear_kv.place.clone(),

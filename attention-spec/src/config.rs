@@ -452,13 +452,21 @@ impl TransformerConfigSpec {
                 k
             }
         };
-        if num_attention_heads % num_query_groups != 0 {
+        // The relational checks run in Megatron's order (`ModelParallelConfig.__post_init__`,
+        // then `TransformerConfig.__post_init__`, then the attention's `divide`), so that a
+        // config with several problems reports the one Megatron would.
+        if self.sequence_parallel && tp <= 1 {
             return Err(SpecError::Incompatible {
-                place: place.key("num_query_groups"),
-                reason: format!(
-                    "num_attention_heads ({num_attention_heads}) must be a multiple of \
-                     num_query_groups ({num_query_groups})"
-                ),
+                place: place.key("sequence_parallel"),
+                reason: "cannot use sequence parallelism without tensor parallelism \
+                         (tensor_model_parallel_size = 1)"
+                    .into(),
+            });
+        }
+        if self.fp16 && self.bf16 {
+            return Err(SpecError::Incompatible {
+                place: place.key("bf16"),
+                reason: "only one of fp16 and bf16 may be true".into(),
             });
         }
         if num_attention_heads % tp != 0 {
@@ -479,18 +487,29 @@ impl TransformerConfigSpec {
                 ),
             });
         }
-        if self.sequence_parallel && tp <= 1 {
+        if num_attention_heads % num_query_groups != 0 {
             return Err(SpecError::Incompatible {
-                place: place.key("sequence_parallel"),
-                reason: "cannot use sequence parallelism without tensor parallelism \
-                         (tensor_model_parallel_size = 1)"
-                    .into(),
+                place: place.key("num_query_groups"),
+                reason: format!(
+                    "num_attention_heads ({num_attention_heads}) must be a multiple of \
+                     num_query_groups ({num_query_groups})"
+                ),
             });
         }
-        if self.fp16 && self.bf16 {
+        // The fused QKV projection's output size (Megatron's `query_projection_size + 2 *
+        // kv_projection_size`) and every size below it must fit the i64 shapes use.
+        let qkv_size = num_query_groups
+            .checked_mul(2)
+            .and_then(|g| g.checked_add(num_attention_heads))
+            .and_then(|n| n.checked_mul(kv_channels));
+        if qkv_size.is_none() {
             return Err(SpecError::Incompatible {
-                place: place.key("bf16"),
-                reason: "only one of fp16 and bf16 may be true".into(),
+                place: place.key("kv_channels"),
+                reason: format!(
+                    "the qkv projection size kv_channels * (num_attention_heads + 2 * \
+                     num_query_groups) = {kv_channels} * ({num_attention_heads} + 2 * \
+                     {num_query_groups}) does not fit in a 64-bit integer"
+                ),
             });
         }
         let attention_dropout = check_f64(

@@ -74,11 +74,16 @@ pub struct Model {
     pub layers: Vec<Layer>,
 }
 
+/// The 1-based line and column (in characters, as the `toml` crate counts) of a byte offset.
 fn line_col(source: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(source.len());
+    let mut offset = offset.min(source.len());
+    while !source.is_char_boundary(offset) {
+        offset -= 1;
+    }
     let before = &source[..offset];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    let line_start = before.rfind('\n').map_or(0, |nl| nl + 1);
+    let col = before[line_start..].chars().count() + 1;
     (line, col)
 }
 
@@ -89,17 +94,24 @@ pub(crate) fn locate(source: &str, path: &[Segment]) -> Option<(usize, usize)> {
     let mut best = None;
     let mut table: Option<&DeTable<'_>> = Some(root.get_ref());
     let mut value: Option<&DeValue<'_>> = None;
+    // Stop at the first segment that is not in the text: its parent is the deepest part found.
     for seg in path {
         match seg {
             Segment::Key(k) => {
-                let t = table.or_else(|| value.and_then(|v| v.as_table()))?;
-                let (key, v) = t.get_key_value(k.as_str())?;
+                let Some((key, v)) = table
+                    .or_else(|| value.and_then(|v| v.as_table()))
+                    .and_then(|t| t.get_key_value(k.as_str()))
+                else {
+                    break;
+                };
                 best = Some(key.span().start);
                 value = Some(v.get_ref());
                 table = None;
             }
             Segment::Index(i) => {
-                let v = value?.as_array()?.get(*i)?;
+                let Some(v) = value.and_then(|v| v.as_array()).and_then(|a| a.get(*i)) else {
+                    break;
+                };
                 best = Some(v.span().start);
                 value = Some(v.get_ref());
                 table = None;

@@ -164,6 +164,10 @@ pub enum ForwardError {
         /// What.
         what: String,
     },
+    /// An inference context refused the step (a sequence or batch limit, exhausted KV blocks,
+    /// a layer it does not hold); the boxed error is the context's own typed error.
+    #[error("inference context: {0}")]
+    Context(Box<dyn std::error::Error + Send + Sync>),
     /// libtorch raised an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -204,4 +208,43 @@ pub trait CoreAttention: fmt::Debug + Send {
     /// query `[sq, b, np, hn]`, key and value `[sk, b, ngp, hn]` with `np % ngp == 0`
     /// (query head `n` uses key/value head `n / (np / ngp)`); output `[sq, b, np * hn]`.
     fn forward(&self, input: &CoreAttentionInput<'_>) -> Result<Tensor, ForwardError>;
+
+    /// Attention over paged key/value memory (Megatron's `flash_decode_and_prefill`): appends
+    /// `input.key`/`input.value` (`[T, 1, ngp, hn]`, the step's new tokens, already rotated)
+    /// at `paged.slot_mapping`, then attends `input.query` (`[T, 1, np, hn]`, requests laid out
+    /// by `paged.cu_seqlens_q`) over each request's cached tokens with a bottom-right aligned
+    /// causal mask. Output `[T, 1, np * hn]`. Kinds without a paged path refuse.
+    fn forward_paged(
+        &self,
+        input: &CoreAttentionInput<'_>,
+        paged: &PagedKv<'_>,
+    ) -> Result<Tensor, ForwardError> {
+        let _ = (input, paged);
+        Err(ForwardError::Unsupported {
+            module: self.kind(),
+            what: "paged key/value memory".into(),
+        })
+    }
+}
+
+/// Paged key/value memory of one layer and the step's metadata (see
+/// [`CoreAttention::forward_paged`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PagedKv<'a> {
+    /// `[num_blocks, block_size, ngp, hn]`, written in place.
+    pub key_cache: &'a Tensor,
+    /// `[num_blocks, block_size, ngp, hn]`, written in place.
+    pub value_cache: &'a Tensor,
+    /// int64 `[T]`: `block * block_size + offset` of each new token.
+    pub slot_mapping: &'a Tensor,
+    /// int32 `[n, max_blocks]`: each request's blocks in order, padded with -1.
+    pub block_table: &'a Tensor,
+    /// int32 `[n + 1]`: the requests' query tokens, cumulative.
+    pub cu_seqlens_q: &'a Tensor,
+    /// int32 `[n]`: each request's keys after the append (cached + new).
+    pub seqlens_k: &'a Tensor,
+    /// Longest query run.
+    pub max_seqlen_q: i64,
+    /// Longest key run.
+    pub max_seqlen_k: i64,
 }

@@ -91,7 +91,7 @@ impl<'de> Deserialize<'de> for SlotSpec {
                 .map(Self::Spec)
                 .map_err(|e| D::Error::custom(e.message())),
             other => Err(D::Error::custom(format!(
-                "a submodule slot is a kind name or a table {{ module = ... }}, got a {}",
+                "a submodule slot is a kind name or a table {{ module = ... }}, got {} {other}",
                 other.type_str()
             ))),
         }
