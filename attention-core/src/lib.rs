@@ -47,6 +47,7 @@
 pub mod attention;
 pub mod check;
 pub mod dot_product;
+pub mod inference;
 pub mod linear;
 pub mod mask;
 pub mod model;

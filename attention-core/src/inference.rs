@@ -1,0 +1,54 @@
+//! The hook inference contexts implement (Megatron's `BaseInferenceContext` plus the part of
+//! `_adjust_key_value_for_inference` and the core-attention call that depends on the context).
+//!
+//! [`SelfAttention::forward_with_context`](crate::SelfAttention::forward_with_context) computes
+//! the projections and Q/K norms, hands query, key and value (not yet rotated) to the context,
+//! and applies `linear_proj` to what the context returns. The context stores the new keys and
+//! values, applies rotary embeddings as its cache layout requires, and runs the attention over
+//! the cached prefix: the static context with the layer's own core attention, the paged
+//! context with its paged kernel. `attention-inference` implements both.
+
+use attention_spec::{AttnMaskType, ForwardError, TransformerConfig};
+use tch::Tensor;
+
+use crate::attention::AttentionInput;
+use attention_spec::module::CoreAttention;
+
+/// What a context learns about the layer that calls it.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerContext<'a> {
+    /// Global 1-based layer number.
+    pub layer_number: i64,
+    /// The layer's config.
+    pub config: &'a TransformerConfig,
+    /// The layer's core attention (used by contexts that attend densely).
+    pub core_attention: &'a dyn CoreAttention,
+    /// The mask type the layer was built with.
+    pub attn_mask_type: AttnMaskType,
+}
+
+/// Query, key and value of one layer, after Q/K norms, before rotary.
+#[derive(Debug)]
+pub struct Qkv {
+    /// `[s, b, np, hn]`.
+    pub query: Tensor,
+    /// `[s, b, ngp, hn]`.
+    pub key: Tensor,
+    /// `[s, b, ngp, hn]`.
+    pub value: Tensor,
+}
+
+/// A KV-cache context an attention forward runs in.
+pub trait InferenceContext {
+    /// Stores the new keys and values of `layer`, and returns the core-attention output over
+    /// the cached prefix plus the new tokens, `[s, b, np * hn]`. `input` carries the rotary
+    /// table (covering every position the step touches) and an optional attention mask.
+    ///
+    /// A call that fails leaves the context's caches and bookkeeping as they were.
+    fn attend(
+        &mut self,
+        layer: &LayerContext<'_>,
+        qkv: Qkv,
+        input: &AttentionInput<'_>,
+    ) -> Result<Tensor, ForwardError>;
+}
