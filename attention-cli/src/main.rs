@@ -138,9 +138,17 @@ fn kinds() -> Result<()> {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other failure: clap's first line without its "error: ".
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("attn: error: {} (see attn --help)", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
         }
     };
     let result = match cli.command {

@@ -58,6 +58,48 @@ fn run_default_config() -> Result<()> {
 }
 
 #[test]
+fn run_json_reports_both_contexts() -> Result<()> {
+    let out = expect_ok(&[
+        "run",
+        "--json",
+        "--seq-len",
+        "8",
+        "--iters",
+        "1",
+        "--prompt-len",
+        "20",
+        "--decode-steps",
+        "4",
+        "--batch",
+        "3",
+        "--block-size",
+        "3",
+        "--token-budget",
+        "16",
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    for ctx in ["static", "dynamic"] {
+        for key in [
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "kv_cache_bytes",
+            "max_abs_err_vs_full_forward",
+        ] {
+            let x = v[ctx][key]
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("{ctx}.{key} missing in {out}"))?;
+            if key == "max_abs_err_vs_full_forward" && (x.is_nan() || x >= 1e-5) {
+                bail!("{ctx}: error {x} against the full forward");
+            }
+            if key != "max_abs_err_vs_full_forward" && (x.is_nan() || x <= 0.0) {
+                bail!("{ctx}.{key} = {x}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn run_and_check_example_configs() -> Result<()> {
     for file in ["gpt-mha.toml", "gqa-rmsnorm-qkv-bias.toml", "cross-attention.toml"] {
         let path = format!("examples/configs/{file}");
@@ -65,7 +107,18 @@ fn run_and_check_example_configs() -> Result<()> {
         if !out.contains("linear_proj.weight") || !out.contains("parameters:") {
             bail!("check {file}: {out}");
         }
-        expect_ok(&["run", &path, "--seq-len", "8", "--iters", "1"])?;
+        expect_ok(&[
+            "run",
+            &path,
+            "--seq-len",
+            "8",
+            "--iters",
+            "1",
+            "--prompt-len",
+            "6",
+            "--decode-steps",
+            "2",
+        ])?;
     }
     Ok(())
 }
@@ -103,10 +156,10 @@ fn errors_are_one_line_and_non_zero() -> Result<()> {
         "not a core attention",
     )?;
     expect_error(&["run", "--seq-len", "0"], "at least 1")?;
-    let o = attn(&["run", "--no-such-flag"])?;
-    if o.status.success() || !stderr(&o).contains("--no-such-flag") {
-        bail!("unknown flag accepted: {}", stderr(&o));
-    }
+    expect_error(&["run", "--block-size", "0"], "--block-size must be at least 1")?;
+    expect_error(&["run", "--decode-steps=-1"], "--decode-steps")?;
+    expect_error(&["run", "--no-such-flag"], "unexpected argument '--no-such-flag'")?;
+    expect_error(&["frobnicate"], "unrecognized subcommand")?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -23,9 +23,15 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use tch::{Device, Kind, Tensor};
 
-/// `attention-tests/fixtures`.
+/// `attention-tests/fixtures`: `$ATTENTION_TESTS_FIXTURES` if set, else the crate's folder
+/// when it exists (a test binary run where it was built), else `attention-tests/fixtures` under
+/// the current directory (a test binary copied to another machine and run from a checkout).
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    if let Some(dir) = std::env::var_os("ATTENTION_TESTS_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    if built.is_dir() { built } else { PathBuf::from("attention-tests/fixtures") }
 }
 
 /// Fails unless `|actual - expected| <= atol + rtol * |expected|` everywhere (and shapes match);
