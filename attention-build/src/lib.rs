@@ -24,7 +24,7 @@
 //! `attention-core` (the modules), `attention-inference` (KV-cache contexts),
 //! `attention-cuda` (CUDA fast paths), `attention-cli` (the `attn` binary).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Emits the link arguments every libtorch binary of the crate being built needs.
 ///
@@ -52,4 +52,38 @@ pub fn link_libtorch() {
         libs.push_str(",--as-needed");
         println!("cargo:rustc-link-arg={libs}");
     }
+}
+
+/// The libtorch include folders (`include` and `include/torch/csrc/api/include` next to the lib
+/// folder torch-sys links).
+///
+/// # Panics
+///
+/// As [`link_libtorch`], when `DEP_TCH_LIBTORCH_LIB` is unset.
+pub fn libtorch_include_dirs() -> Vec<PathBuf> {
+    #[expect(clippy::expect_used, reason = "a build script reports misconfiguration by panicking")]
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
+        "DEP_TCH_LIBTORCH_LIB is unset: add `torch-sys = \"=0.24.0\"` as a direct dependency",
+    );
+    let root = Path::new(&lib).parent().map(Path::to_path_buf).unwrap_or_default();
+    vec![root.join("include"), root.join("include/torch/csrc/api/include")]
+}
+
+/// Compiles C++ files against the libtorch headers (C++17, the CXX11 ABI libtorch uses) into a
+/// static library `name` linked into the calling crate. Only public ATen/torch APIs belong in
+/// such a shim: libtorch's private ABI changes with every release.
+pub fn compile_libtorch_shim(name: &str, files: &[&str]) {
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .warnings(false)
+        .includes(libtorch_include_dirs())
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .files(files)
+        .compile(name);
 }

@@ -3,6 +3,8 @@
 //! * `attn run [CONFIG.toml]` — the main job: resolves and builds a model (the embedded default
 //!   when no file is given), prints its module tree and parameter count, and runs forward and
 //!   backward on random data, printing shapes, output statistics and time per call.
+//! * `attn train-step [CONFIG.toml]` — training steps with the training extras switched on by
+//!   flags, printing loss, max logits, clip factors, peak memory and time per step.
 //! * `attn check FILE.toml` — resolves and builds a model file and prints every module and
 //!   parameter (name, shape, dtype), or the error with its place in the file.
 //! * `attn parity PATH...` — runs Megatron-Core fixture cases and compares every tensor.
@@ -12,6 +14,7 @@
 
 mod check;
 mod run;
+mod train_step;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +38,8 @@ struct Cli {
 enum Command {
     /// Build a model and run forward + backward on random data.
     Run(run::RunArgs),
+    /// Training steps with the training extras (recompute, delayed wgrad, QK-Clip, realtime tests).
+    TrainStep(train_step::TrainStepArgs),
     /// Resolve and build a model file; print its modules and parameters.
     Check {
         /// The model file.
@@ -153,6 +158,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run::run(&args).map(|_| true),
+        Command::TrainStep(args) => train_step::train_step(&args).map(|_| true),
         Command::Check { file, device } => check::check(&file, &device).map(|_| true),
         Command::Parity { paths, core_attention, device } => {
             parity(&paths, core_attention.as_deref(), &device)

@@ -100,6 +100,40 @@ fn run_json_reports_both_contexts() -> Result<()> {
 }
 
 #[test]
+fn train_step_with_every_extra() -> Result<()> {
+    let out = expect_ok(&[
+        "train-step",
+        "--json",
+        "--steps",
+        "2",
+        "--seq-len",
+        "16",
+        "--recompute",
+        "--delay-wgrad",
+        "--qk-clip",
+        "--qk-clip-threshold",
+        "0.01",
+        "--test-mode",
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    let steps = v["steps"].as_array().ok_or_else(|| anyhow::anyhow!("no steps in {out}"))?;
+    if steps.len() != 2 {
+        bail!("{out}");
+    }
+    for s in steps {
+        // Two layers, each with linear_qkv and linear_proj deferred once.
+        if s["deferred_wgrads"] != 4
+            || s["clip_factors"][0]["clipped"] != true
+            || !s["loss"].is_f64()
+        {
+            bail!("unexpected step {s}");
+        }
+    }
+    expect_error(&["train-step", "--steps", "0"], "at least 1")?;
+    Ok(())
+}
+
+#[test]
 fn run_and_check_example_configs() -> Result<()> {
     for file in ["gpt-mha.toml", "gqa-rmsnorm-qkv-bias.toml", "cross-attention.toml"] {
         let path = format!("examples/configs/{file}");

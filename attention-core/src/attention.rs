@@ -9,7 +9,9 @@
 //! `linear_kv` is `[2·nh·hn, h]`, per head `[k_i | v_i]`. `linear_proj` is `[h, nh·hn]` and its
 //! bias is returned, not added.
 
-use attention_spec::config::RecomputeGranularity;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use attention_spec::module::{
     AttentionType, CoreAttention, CoreAttentionInput, Linear, Norm, PackedSeqParams,
 };
@@ -18,12 +20,17 @@ use attention_spec::spec::{
     AttentionSubmodules, CrossAttentionSubmodules, ResolvedAttention, ResolvedModule,
     SelfAttentionSubmodules,
 };
-use attention_spec::{AttnMaskType, ForwardError, Place, SpecError, TransformerConfig};
+use attention_spec::{AttnMaskType, ForwardError, SpecError, TransformerConfig};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::check::{check_float, check_packed};
 use crate::mask::{check_bias, check_mask, token_sequences};
+use crate::recompute::{Recomputable, checkpoint};
 use crate::rotary::apply_rotary_pos_emb;
+use crate::training::{
+    Communicator, QkClipMode, QkClipReport, SingleRank, TrainingError, clip_linear_qkv,
+    compare_across,
+};
 
 /// The rotary table(s) a forward applies: one for queries and keys, or one each.
 #[derive(Debug, Clone, Copy)]
@@ -204,7 +211,7 @@ fn build_core(
     layer_number: i64,
     attn_mask_type: AttnMaskType,
     attention_type: AttentionType,
-) -> Result<Box<dyn CoreAttention>, SpecError> {
+) -> Result<Arc<dyn CoreAttention>, SpecError> {
     let args = CoreAttentionArgs {
         path,
         config,
@@ -214,7 +221,7 @@ fn build_core(
         attention_type,
     };
     match m.factory.builder {
-        Builder::CoreAttention(f) => f(&args),
+        Builder::CoreAttention(f) => Ok(Arc::from(f(&args)?)),
         _ => Err(wrong_builder(m)),
     }
 }
@@ -247,32 +254,6 @@ fn wrong_builder(m: &ResolvedModule) -> SpecError {
             m.factory.role()
         ),
     }
-}
-
-/// Options of the config this build does not implement yet are refused here, once, instead of
-/// being silently ignored.
-fn check_supported(config: &TransformerConfig) -> Result<(), SpecError> {
-    let unsupported = [
-        (config.qk_clip, "qk_clip", "qk_clip"),
-        (config.log_max_attention_logit, "log_max_attention_logit", "log_max_attention_logit"),
-        (config.delay_wgrad_compute, "delay_wgrad_compute", "delay_wgrad_compute"),
-        (config.test_mode, "test_mode", "test_mode (run_realtime_tests)"),
-        (
-            config.recompute_granularity == Some(RecomputeGranularity::Selective)
-                && config.checkpoint_core_attention(),
-            "recompute_granularity",
-            "selective recompute of core_attn",
-        ),
-    ];
-    for (on, field, what) in unsupported {
-        if on {
-            return Err(SpecError::Unsupported {
-                place: Place::root().key("transformer").key(field),
-                what: format!("{what} is not implemented by this build yet"),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Checks shared by both attentions, run before any kernel.
@@ -418,10 +399,52 @@ fn rotate(
     apply_rotary_pos_emb(t, &freqs, interleaved)
 }
 
+/// A copy of packed-sequence metadata sharing the tensors (for a recompute closure).
+fn share_packed(p: &PackedSeqParams) -> PackedSeqParams {
+    PackedSeqParams {
+        cu_seqlens_q: p.cu_seqlens_q.shallow_clone(),
+        cu_seqlens_kv: p.cu_seqlens_kv.shallow_clone(),
+        max_seqlen_q: p.max_seqlen_q,
+        max_seqlen_kv: p.max_seqlen_kv,
+    }
+}
+
+/// The core attention, through selective recompute (Megatron's
+/// `_checkpointed_attention_forward`) when the config asks for it in training: the forward
+/// keeps only query, key, value (and bias); backward recomputes the probabilities.
+fn core_attention_forward(
+    config: &TransformerConfig,
+    core_attention: &Arc<dyn CoreAttention>,
+    input: &CoreAttentionInput<'_>,
+) -> Result<Tensor, ForwardError> {
+    if !(config.checkpoint_core_attention() && input.training) {
+        return core_attention.forward(input);
+    }
+    let core = core_attention.clone();
+    let mask = input.attention_mask.map(Tensor::shallow_clone);
+    let packed = input.packed_seq_params.map(share_packed);
+    let (mask_type, has_bias) = (input.attn_mask_type, input.attention_bias.is_some());
+    let f: Recomputable = Box::new(move |t: &[Tensor]| {
+        core.forward(&CoreAttentionInput {
+            query: &t[0],
+            key: &t[1],
+            value: &t[2],
+            attention_mask: mask.as_ref(),
+            attn_mask_type: mask_type,
+            attention_bias: if has_bias { t.get(3) } else { None },
+            packed_seq_params: packed.as_ref(),
+            training: true,
+        })
+    });
+    let mut inputs = vec![input.query, input.key, input.value];
+    inputs.extend(input.attention_bias);
+    checkpoint(f, &inputs)
+}
+
 /// Steps shared by both attentions after the projections: rotary, core attention, `linear_proj`.
 fn attend(
     config: &TransformerConfig,
-    core_attention: &dyn CoreAttention,
+    core_attention: &Arc<dyn CoreAttention>,
     linear_proj: &dyn Linear,
     attn_mask_type: AttnMaskType,
     (query, key, value): (Tensor, Tensor, Tensor),
@@ -438,7 +461,7 @@ fn attend(
             )
         }
     };
-    let core_out = core_attention.forward(&CoreAttentionInput {
+    let core_input = CoreAttentionInput {
         query: &query,
         key: &key,
         value: &value,
@@ -447,7 +470,8 @@ fn attend(
         attention_bias: input.attention_bias,
         packed_seq_params: input.packed_seq_params,
         training: input.training,
-    })?;
+    };
+    let core_out = core_attention_forward(config, core_attention, &core_input)?;
     let (output, bias) = linear_proj.forward(&core_out)?;
     Ok(AttentionOutput { output, bias })
 }
@@ -465,10 +489,13 @@ pub struct SelfAttention {
     attn_mask_type: AttnMaskType,
     dims: Dims,
     linear_qkv: Box<dyn Linear>,
-    core_attention: Box<dyn CoreAttention>,
+    core_attention: Arc<dyn CoreAttention>,
     linear_proj: Box<dyn Linear>,
     q_layernorm: Option<Box<dyn Norm>>,
     k_layernorm: Option<Box<dyn Norm>>,
+    /// Data-parallel and tensor-parallel groups of `run_realtime_tests`.
+    realtime_groups: (Arc<dyn Communicator>, Arc<dyn Communicator>),
+    recompute_input_layernorm: AtomicBool,
 }
 
 impl SelfAttention {
@@ -481,7 +508,6 @@ impl SelfAttention {
         layer_number: i64,
         attn_mask_type: AttnMaskType,
     ) -> Result<Self, SpecError> {
-        check_supported(config)?;
         let dims = Dims::new(config);
         let qkv_out = config.query_projection_size() + 2 * config.kv_projection_size();
         let linear_qkv = build_linear(
@@ -526,6 +552,8 @@ impl SelfAttention {
             linear_proj,
             q_layernorm,
             k_layernorm,
+            realtime_groups: (Arc::new(SingleRank), Arc::new(SingleRank)),
+            recompute_input_layernorm: AtomicBool::new(false),
         })
     }
 
@@ -615,6 +643,9 @@ impl SelfAttention {
         if let Some(n) = &self.k_layernorm {
             key = n.forward(&key)?;
         }
+        if self.config.test_mode {
+            self.run_realtime_tests().map_err(|e| ForwardError::Context(Box::new(e)))?;
+        }
         Ok(QkvTensors::Split { query, key, value: v })
     }
 
@@ -631,7 +662,7 @@ impl SelfAttention {
         };
         attend(
             &self.config,
-            self.core_attention.as_ref(),
+            &self.core_attention,
             self.linear_proj.as_ref(),
             self.attn_mask_type,
             (query, key, value),
@@ -685,6 +716,112 @@ impl SelfAttention {
     }
 }
 
+/// Training extras (Megatron's `backward_dw`, `clip_qk`, `run_realtime_tests`,
+/// `set_for_recompute_input_layernorm`).
+impl SelfAttention {
+    /// Megatron's `backward_dw`: the delayed weight gradients of `linear_qkv` and `linear_proj`
+    /// ([`backward_qkv_proj`](Self::backward_qkv_proj), then
+    /// [`backward_output_proj`](Self::backward_output_proj)). With `delay_wgrad_compute` off, or
+    /// nothing pending, it does nothing. Returns the number of backward passes processed.
+    pub fn backward_dw(&self) -> Result<usize, ForwardError> {
+        Ok(self.backward_qkv_proj()? + self.backward_output_proj()?)
+    }
+
+    /// Megatron's `_backward_qkv_proj`: `linear_qkv`'s delayed weight gradients.
+    pub fn backward_qkv_proj(&self) -> Result<usize, ForwardError> {
+        self.linear_qkv.backward_dw()
+    }
+
+    /// Megatron's `_backward_output_proj`: `linear_proj`'s delayed weight gradients.
+    pub fn backward_output_proj(&self) -> Result<usize, ForwardError> {
+        self.linear_proj.backward_dw()
+    }
+
+    /// Megatron's `clip_qk` (QK-Clip, per key/value group, exactly Megatron 0.19.2's rule).
+    /// See [`clip_qk_with`](Self::clip_qk_with).
+    pub fn clip_qk(&self) -> Result<QkClipReport, TrainingError> {
+        self.clip_qk_with(QkClipMode::PerGroup)
+    }
+
+    /// QK-Clip from the per-head maxima recorded since the last clip: when any exceeds
+    /// `qk_clip_threshold`, scales the query and key rows of `linear_qkv` (values, biases and
+    /// norm weights untouched), then resets the tracker. Fails as Megatron does when `qk_clip`
+    /// is off or nothing was recorded. Works on this layer's tensor-parallel partition with its
+    /// own heads.
+    pub fn clip_qk_with(&self, mode: QkClipMode) -> Result<QkClipReport, TrainingError> {
+        if !self.config.qk_clip {
+            return Err(TrainingError::QkClipDisabled);
+        }
+        let max_logits =
+            self.core_attention.max_attention_logits().ok_or(TrainingError::NoLogitsRecorded)?;
+        let np = self.dims.np;
+        if max_logits.size() != [np] {
+            return Err(TrainingError::LogitShape { expected: np, got: max_logits.size() });
+        }
+        let tau = self.config.qk_clip_threshold;
+        let clipped = max_logits.f_gt(tau)?.f_any()?.int64_value(&[]) != 0;
+        let head_factors = if clipped {
+            clip_linear_qkv(
+                self.linear_qkv.weight(),
+                &max_logits,
+                (np, self.dims.ngp, self.dims.hn),
+                tau,
+                self.config.qk_clip_alpha,
+                mode,
+            )?
+        } else {
+            Tensor::f_ones([np], (Kind::Double, max_logits.device()))?
+        };
+        self.core_attention.reset_max_attention_logits();
+        Ok(QkClipReport { max_logits, head_factors, clipped })
+    }
+
+    /// The groups `run_realtime_tests` compares across (default: single ranks).
+    pub fn set_realtime_test_groups(
+        &mut self,
+        data_parallel: Arc<dyn Communicator>,
+        tensor_parallel: Arc<dyn Communicator>,
+    ) {
+        self.realtime_groups = (data_parallel, tensor_parallel);
+    }
+
+    /// Megatron's `run_realtime_tests` (run by every forward under `test_mode`): with
+    /// `qk_layernorm`, the Q/K-norm parameters must be identical on every rank of the
+    /// data-parallel and then the tensor-parallel group. Ranks exchange 64-bit digests instead of
+    /// the tensors; a mismatch names the diverging ranks. Without `qk_layernorm` it returns at
+    /// once, as Megatron does.
+    pub fn run_realtime_tests(&self) -> Result<(), TrainingError> {
+        if !self.config.qk_layernorm {
+            return Ok(());
+        }
+        let mut named = Vec::new();
+        for (slot, norm) in [("q_layernorm", &self.q_layernorm), ("k_layernorm", &self.k_layernorm)]
+        {
+            for (param, t) in norm.as_ref().map(|n| n.parameters()).unwrap_or_default() {
+                named.push((format!("{slot}.{param}"), t));
+            }
+        }
+        let named: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        compare_across(self.realtime_groups.0.as_ref(), "data-parallel", &named)?;
+        compare_across(self.realtime_groups.1.as_ref(), "tensor-parallel", &named)
+    }
+
+    /// Megatron's `set_for_recompute_input_layernorm`: `linear_qkv` keeps its high-precision
+    /// input for recomputing the input layernorm. Megatron needs this only for fp8/fp4, where
+    /// the GEMM would otherwise save a quantized input; this build has no fp8, and its linears
+    /// always save their input as it is, so the switch changes no numbers. It is recorded and
+    /// reported by [`recompute_input_layernorm`](Self::recompute_input_layernorm).
+    pub fn set_for_recompute_input_layernorm(&self) {
+        self.recompute_input_layernorm.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`set_for_recompute_input_layernorm`](Self::set_for_recompute_input_layernorm)
+    /// was called.
+    pub fn recompute_input_layernorm(&self) -> bool {
+        self.recompute_input_layernorm.load(Ordering::Relaxed)
+    }
+}
+
 /// Megatron's `CrossAttention`: queries from `hidden_states` `[sq, b, h]`, keys and values from
 /// `key_value_states` `[sk, b, h]`. No GQA (refused at resolution), no Q/K norms.
 #[derive(Debug)]
@@ -695,7 +832,7 @@ pub struct CrossAttention {
     dims: Dims,
     linear_q: Box<dyn Linear>,
     linear_kv: Box<dyn Linear>,
-    core_attention: Box<dyn CoreAttention>,
+    core_attention: Arc<dyn CoreAttention>,
     linear_proj: Box<dyn Linear>,
 }
 
@@ -709,7 +846,6 @@ impl CrossAttention {
         layer_number: i64,
         attn_mask_type: AttnMaskType,
     ) -> Result<Self, SpecError> {
-        check_supported(config)?;
         if config.num_query_groups != config.num_attention_heads {
             return Err(SpecError::Incompatible {
                 place: submodules.linear_kv.place.clone(),
@@ -779,6 +915,16 @@ impl CrossAttention {
         self.core_attention.as_ref()
     }
 
+    /// Not supported, as in Megatron's base `Attention` (`NotImplementedError`).
+    pub fn set_for_recompute_input_layernorm(&self) -> Result<(), TrainingError> {
+        Err(TrainingError::Unsupported("set_for_recompute_input_layernorm"))
+    }
+
+    /// Not supported: Megatron's `CrossAttention` has no QK-Clip.
+    pub fn clip_qk(&self) -> Result<QkClipReport, TrainingError> {
+        Err(TrainingError::Unsupported("clip_qk"))
+    }
+
     /// Megatron's `get_query_key_value_tensors(hidden_states, key_value_states)`: query
     /// `[sq, b, np, hn]` from `linear_q`, key and value `[sk, b, np, hn]` from the per-head
     /// `[k | v]` halves of `linear_kv`.
@@ -825,7 +971,7 @@ impl CrossAttention {
         let qkv = self.qkv(input.hidden_states, kv, sq, sk, b)?;
         attend(
             &self.config,
-            self.core_attention.as_ref(),
+            &self.core_attention,
             self.linear_proj.as_ref(),
             self.attn_mask_type,
             qkv,

@@ -16,6 +16,7 @@ use tch::{Kind, Tensor};
 
 use crate::check::check_core_input;
 use crate::mask::{CausalMaskCache, effective_mask};
+use crate::training::MaxLogitTracker;
 
 /// Megatron's masked-logit fill value.
 pub const MASK_FILL: f64 = -10000.0;
@@ -33,6 +34,8 @@ pub struct DotProductAttention {
     softmax_in_fp32: bool,
     dropout: f64,
     causal_masks: CausalMaskCache,
+    /// Per-head max logits of training forwards (`qk_clip` / `log_max_attention_logit`).
+    max_logits: Option<MaxLogitTracker>,
 }
 
 /// `softmax_scale` (or `1/sqrt(kv_channels)`) divided by `layer_number` under layer scaling,
@@ -73,15 +76,19 @@ impl DotProductAttention {
             softmax_in_fp32: args.config.attention_softmax_in_fp32,
             dropout: args.config.attention_dropout,
             causal_masks: CausalMaskCache::default(),
+            max_logits: (args.config.qk_clip || args.config.log_max_attention_logit)
+                .then(MaxLogitTracker::default),
         })
     }
 
-    /// `FusedScaleMaskSoftmax.forward_torch_softmax`, plus the post-scale bias.
+    /// `FusedScaleMaskSoftmax.forward_torch_softmax`, plus the post-scale bias; with `track`,
+    /// records the per-head maxima of the masked logits for QK-Clip.
     fn softmax(
         &self,
         scores: &Tensor,
         mask: Option<&Tensor>,
         bias: Option<&Tensor>,
+        track: bool,
     ) -> Result<Tensor, ForwardError> {
         let in_float16 = self.input_in_fp16 || self.input_in_bf16;
         let mut x = if in_float16 && self.softmax_in_fp32 {
@@ -94,6 +101,15 @@ impl DotProductAttention {
         }
         if let Some(bias) = bias {
             x = x.f_add(&bias.f_to_kind(x.kind())?)?;
+        }
+        if let (true, Some(tracker)) = (track, &self.max_logits) {
+            tch::no_grad(|| -> Result<(), ForwardError> {
+                let masked = match mask {
+                    Some(m) => x.f_masked_fill(m, f64::NEG_INFINITY)?,
+                    None => x.shallow_clone(),
+                };
+                tracker.record(&masked.f_amax([0, 2, 3], false)?)
+            })?;
         }
         if let Some(mask) = mask {
             x = x.f_masked_fill(mask, MASK_FILL)?;
@@ -132,7 +148,7 @@ impl CoreAttention for DotProductAttention {
         let buffer = Tensor::f_empty([b * np, sq, sk], (q.kind(), q.device()))?;
         let scores = buffer.f_baddbmm(&q, &k, 0.0, self.alpha)?.f_view([b, np, sq, sk])?;
         // 3. Scale / mask / softmax, dropout.
-        let probs = self.softmax(&scores, mask.as_ref(), input.attention_bias)?;
+        let probs = self.softmax(&scores, mask.as_ref(), input.attention_bias, input.training)?;
         let probs = if input.training && self.dropout > 0.0 {
             probs.f_dropout(self.dropout, true)?
         } else {
@@ -146,6 +162,16 @@ impl CoreAttention for DotProductAttention {
             b,
             np * hn,
         ])?)
+    }
+
+    fn max_attention_logits(&self) -> Option<Tensor> {
+        self.max_logits.as_ref().and_then(MaxLogitTracker::get)
+    }
+
+    fn reset_max_attention_logits(&self) {
+        if let Some(t) = &self.max_logits {
+            t.reset();
+        }
     }
 }
 

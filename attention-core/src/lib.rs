@@ -33,6 +33,12 @@
 //!
 //! Activations are sequence-first `[s, b, h]` throughout (see [`attention`]).
 //!
+//! Training extras: selective recompute of core attention ([`recompute`], on with
+//! `recompute_granularity = "selective"`), delayed weight gradients (`delay_wgrad_compute`,
+//! [`SelfAttention::backward_dw`]), QK-Clip ([`SelfAttention::clip_qk`], [`training`]),
+//! realtime consistency checks ([`SelfAttention::run_realtime_tests`]). They rest on
+//! [`autograd`], which runs Rust code as libtorch autograd functions through a small C++ shim.
+//!
 //! # Other crates
 //!
 //! * `attention-spec`: configs, specs, the registry and the module traits implemented here.
@@ -45,6 +51,11 @@
 //!   modules themselves run on any libtorch device without it.
 
 pub mod attention;
+#[expect(
+    unsafe_code,
+    reason = "FFI to the C++ shim (shim/shim.cpp); each unsafe block states its safety argument"
+)]
+pub mod autograd;
 pub mod check;
 pub mod dot_product;
 pub mod inference;
@@ -52,8 +63,10 @@ pub mod linear;
 pub mod mask;
 pub mod model;
 pub mod norm;
+pub mod recompute;
 pub mod rotary;
 pub mod sdpa;
+pub mod training;
 pub mod weights;
 
 pub use attention::{

@@ -2,12 +2,26 @@
 //! semantics: `output = matmul(input, weight.t())`, then `+ bias` as a separate op unless the
 //! layer was built with `skip_bias_add`, in which case the bias is returned instead. Weights are
 //! `[out, in]`, initialised `N(0, init_std)`; biases are zero.
+//!
+//! With `delay_wgrad_compute` the layer's backward computes only the input gradient and keeps
+//! `(input, output gradient)`; [`Linear::backward_dw`] computes the weight (and bias) gradients
+//! later and accumulates them, with the same ops autograd would have run (so the gradients are
+//! bitwise those of the ordinary backward). That split is what zero-bubble pipeline schedules
+//! need; Megatron's local linears only have a no-op `backward_dw`.
+
+use std::sync::{Arc, Mutex};
 
 use attention_spec::ForwardError;
 use attention_spec::SpecError;
 use attention_spec::module::Linear;
 use attention_spec::registry::{Builder, LinearArgs, ModuleFactory, NoParams};
 use tch::{Kind, Tensor, nn};
+
+use crate::autograd::{Function, accumulate_grad, apply, is_grad_enabled};
+
+/// `(input, output gradient)` pairs waiting for `backward_dw`, shared by a layer and the
+/// autograd nodes of its forwards.
+type PendingWgrads = Arc<Mutex<Vec<(Tensor, Tensor)>>>;
 
 /// A dense linear layer with Megatron's bias handling; both parallel kinds are this layer at
 /// tensor-parallel size 1.
@@ -17,6 +31,9 @@ pub struct ParallelLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     skip_bias_add: bool,
+    /// `Some` with `delay_wgrad_compute`: `(input, output gradient)` of backward passes whose
+    /// weight gradients are not computed yet.
+    pending: Option<PendingWgrads>,
 }
 
 impl ParallelLinear {
@@ -44,7 +61,8 @@ impl ParallelLinear {
         } else {
             None
         };
-        Ok(Self { kind, weight, bias, skip_bias_add: args.skip_bias_add })
+        let pending = args.config.delay_wgrad_compute.then(|| Arc::new(Mutex::new(Vec::new())));
+        Ok(Self { kind, weight, bias, skip_bias_add: args.skip_bias_add, pending })
     }
 }
 
@@ -69,12 +87,48 @@ impl Linear for ParallelLinear {
     }
 
     fn forward(&self, input: &Tensor) -> Result<(Tensor, Option<Tensor>), ForwardError> {
-        let out = input.f_matmul(&self.weight.f_tr()?)?;
-        match (&self.bias, self.skip_bias_add) {
-            (Some(b), false) => Ok((out.f_add(b)?, None)),
-            (Some(b), true) => Ok((out, Some(b.shallow_clone()))),
-            (None, _) => Ok((out, None)),
+        let inner_bias = if self.skip_bias_add { None } else { self.bias.as_ref() };
+        let returned_bias =
+            if self.skip_bias_add { self.bias.as_ref().map(Tensor::shallow_clone) } else { None };
+        let tracks_grad = input.requires_grad() || self.weight.requires_grad();
+        let out = match &self.pending {
+            Some(pending) if tracks_grad && is_grad_enabled() => {
+                let f = DelayedWgrad {
+                    weight: self.weight.shallow_clone(),
+                    has_bias: inner_bias.is_some(),
+                    input: None,
+                    pending: pending.clone(),
+                };
+                let mut inputs = vec![input, &self.weight];
+                inputs.extend(inner_bias);
+                apply(Box::new(f), &inputs, 1)?.remove(0)
+            }
+            _ => linear(input, &self.weight, inner_bias)?,
+        };
+        Ok((out, returned_bias))
+    }
+
+    fn backward_dw(&self) -> Result<usize, ForwardError> {
+        let Some(pending) = &self.pending else { return Ok(0) };
+        let work: Vec<(Tensor, Tensor)> =
+            std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let n = work.len();
+        for (x, dy) in work {
+            let (out, inp) =
+                (dy.size().last().copied().unwrap_or(0), x.size().last().copied().unwrap_or(0));
+            let (x2, dy2) = (x.f_reshape([-1, inp])?, dy.f_reshape([-1, out])?);
+            // As autograd's mm backward: grad(Wᵀ) = x2ᵀ · dy2, then transposed.
+            let dw = tch::no_grad(|| x2.f_tr()?.f_mm(&dy2)?.f_tr())?;
+            accumulate_grad(&self.weight, &dw)?;
+            if let (Some(b), false) = (&self.bias, self.skip_bias_add) {
+                accumulate_grad(b, &dy.f_sum_to_size([out])?)?;
+            }
         }
+        Ok(n)
+    }
+
+    fn pending_wgrads(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.lock().unwrap_or_else(|p| p.into_inner()).len())
     }
 
     fn weight(&self) -> &Tensor {
@@ -83,6 +137,51 @@ impl Linear for ParallelLinear {
 
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+}
+
+/// `matmul(input, weight.t())` then `+ bias`, Megatron's op sequence.
+fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ForwardError> {
+    let out = input.f_matmul(&weight.f_tr()?)?;
+    Ok(match bias {
+        Some(b) => out.f_add(b)?,
+        None => out,
+    })
+}
+
+/// The linear op of a delayed-wgrad layer: the backward returns the input gradient only and
+/// queues `(input, output gradient)` for `backward_dw`.
+struct DelayedWgrad {
+    weight: Tensor,
+    has_bias: bool,
+    input: Option<Tensor>,
+    pending: PendingWgrads,
+}
+
+impl Function for DelayedWgrad {
+    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ForwardError> {
+        let x = &inputs[0];
+        self.input = Some(x.f_detach()?);
+        Ok(vec![linear(x, &inputs[1], inputs.get(2))?])
+    }
+
+    fn backward(&mut self, grad_outputs: &[Tensor]) -> Result<Vec<Option<Tensor>>, ForwardError> {
+        let dy = grad_outputs[0].f_detach()?;
+        let x = self.input.as_ref().ok_or(ForwardError::Invalid {
+            name: "linear",
+            reason: "backward before forward".into(),
+        })?;
+        // As autograd's mm backward: grad(x2) = dy2 · W.
+        let (out, inp) = (self.weight.size()[0], self.weight.size()[1]);
+        let dx = dy.f_reshape([-1, out])?.f_mm(&self.weight)?.f_reshape(
+            x.size().iter().take(x.dim() - 1).copied().chain([inp]).collect::<Vec<_>>(),
+        )?;
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).push((x.shallow_clone(), dy));
+        let mut grads = vec![Some(dx), None];
+        if self.has_bias {
+            grads.push(None);
+        }
+        Ok(grads)
     }
 }
 

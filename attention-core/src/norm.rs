@@ -60,6 +60,9 @@ impl Norm for LayerNorm {
     fn kind(&self) -> &'static str {
         self.kind
     }
+    fn parameters(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("weight", &self.weight), ("bias", &self.bias)]
+    }
     fn forward(&self, input: &Tensor) -> Result<Tensor, ForwardError> {
         Ok(input.f_layer_norm([self.size], Some(&self.weight), Some(&self.bias), self.eps, true)?)
     }
@@ -68,6 +71,9 @@ impl Norm for LayerNorm {
 impl Norm for RmsNorm {
     fn kind(&self) -> &'static str {
         self.kind
+    }
+    fn parameters(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("weight", &self.weight)]
     }
     fn forward(&self, input: &Tensor) -> Result<Tensor, ForwardError> {
         Ok(input.f_rms_norm([self.size], Some(&self.weight), self.eps)?)

@@ -23,6 +23,11 @@ use tch::{Kind, Tensor};
 
 use crate::check::check_core_input;
 use crate::mask::{CausalMaskCache, check_causal_square, effective_mask};
+use crate::training::MaxLogitTracker;
+
+/// Query rows per chunk when recomputing logit maxima (bounds the extra memory to
+/// `b * np * CHUNK * sk` scores).
+const LOGIT_CHUNK: i64 = 256;
 
 /// The SDPA-backed core attention.
 #[derive(Debug)]
@@ -31,6 +36,8 @@ pub struct SdpaAttention {
     scale: f64,
     dropout: f64,
     causal_masks: CausalMaskCache,
+    /// Per-head max logits of training forwards (`qk_clip` / `log_max_attention_logit`).
+    max_logits: Option<MaxLogitTracker>,
 }
 
 impl SdpaAttention {
@@ -53,6 +60,60 @@ impl SdpaAttention {
             scale,
             dropout: args.config.attention_dropout,
             causal_masks: CausalMaskCache::default(),
+            max_logits: (args.config.qk_clip || args.config.log_max_attention_logit)
+                .then(MaxLogitTracker::default),
+        })
+    }
+}
+
+impl SdpaAttention {
+    /// SDPA keeps no scores, so QK-Clip's per-head maxima of `mask(q·kᵀ·scale + bias)` are
+    /// computed here, without gradients, `LOGIT_CHUNK` query rows at a time.
+    fn record_max_logits(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        mask: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        group: i64,
+    ) -> Result<(), ForwardError> {
+        let Some(tracker) = &self.max_logits else { return Ok(()) };
+        tch::no_grad(|| -> Result<(), ForwardError> {
+            let sq = q.size()[2];
+            let k = if group > 1 {
+                k.f_repeat_interleave_self_int(group, 1, None)?
+            } else {
+                k.shallow_clone()
+            };
+            let kt = k.f_to_kind(Kind::Float)?.f_transpose(-2, -1)?;
+            // Rows of a mask/bias that are not broadcast along sq.
+            let rows = |t: &Tensor, start: i64, len: i64| -> Result<Tensor, ForwardError> {
+                let t = if t.dim() == 2 { t.f_view([1, 1, sq, -1])? } else { t.shallow_clone() };
+                Ok(if t.size()[2] == 1 { t } else { t.f_narrow(2, start, len)? })
+            };
+            let mut best: Option<Tensor> = None;
+            let mut start = 0;
+            while start < sq {
+                let len = LOGIT_CHUNK.min(sq - start);
+                let qc = q.f_narrow(2, start, len)?.f_to_kind(Kind::Float)?;
+                let mut s = qc.f_matmul(&kt)?.f_mul_scalar(self.scale)?;
+                if let Some(b) = bias {
+                    s = s.f_add(&rows(b, start, len)?.f_to_kind(Kind::Float)?)?;
+                }
+                if let Some(m) = mask {
+                    s = s.f_masked_fill(&rows(m, start, len)?, f64::NEG_INFINITY)?;
+                }
+                let chunk_max = s.f_amax([0, 2, 3], false)?;
+                best = Some(match best {
+                    Some(prev) => prev.f_maximum(&chunk_max)?,
+                    None => chunk_max,
+                });
+                start += len;
+            }
+            match best {
+                Some(b) => tracker.record(&b),
+                None => Ok(()),
+            }
         })
     }
 }
@@ -80,6 +141,10 @@ impl CoreAttention for SdpaAttention {
             if sq > 1 {
                 check_causal_square(&d)?;
             }
+            if input.training && self.max_logits.is_some() {
+                let causal = (sq > 1).then(|| self.causal_masks.get(sq, q.device()));
+                self.record_max_logits(&q, &k, causal.as_ref(), None, np / d.ngp)?;
+            }
             let out = Tensor::f_scaled_dot_product_attention(
                 &q,
                 &k,
@@ -95,6 +160,9 @@ impl CoreAttention for SdpaAttention {
 
         // 3. General case: an explicit boolean mask and/or a bias.
         let mask = effective_mask(input, self.attn_mask_type, &d, &self.causal_masks)?;
+        if input.training && self.max_logits.is_some() {
+            self.record_max_logits(&q, &k, mask.as_ref(), input.attention_bias, np / d.ngp)?;
+        }
         // Rows whose keys are all masked: Megatron's -10000 fill makes them uniform.
         let full_rows = match &mask {
             Some(m) => Some(m.f_all_dim(-1, true)?),
@@ -144,6 +212,16 @@ impl CoreAttention for SdpaAttention {
             None => out,
         };
         to_sbh(&out, sq, b, np, hn)
+    }
+
+    fn max_attention_logits(&self) -> Option<Tensor> {
+        self.max_logits.as_ref().and_then(MaxLogitTracker::get)
+    }
+
+    fn reset_max_attention_logits(&self) {
+        if let Some(t) = &self.max_logits {
+            t.reset();
+        }
     }
 }
 

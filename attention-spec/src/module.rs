@@ -184,6 +184,17 @@ pub trait Linear: fmt::Debug + Send {
     fn weight(&self) -> &Tensor;
     /// The bias, `[out]`, if any.
     fn bias(&self) -> Option<&Tensor>;
+    /// Delayed weight gradients (`delay_wgrad_compute`): computes and accumulates into
+    /// `weight.grad` (and `bias.grad`) the weight gradients of every backward pass that ran since
+    /// the last call, and returns how many it processed. With nothing pending (or a layer that
+    /// computes weight gradients in its backward) it does nothing and returns 0.
+    fn backward_dw(&self) -> Result<usize, ForwardError> {
+        Ok(0)
+    }
+    /// Backward passes whose weight gradients wait for [`backward_dw`](Self::backward_dw).
+    fn pending_wgrads(&self) -> usize {
+        0
+    }
 }
 
 /// A norm in a `q_layernorm`/`k_layernorm` slot, applied over the last dimension.
@@ -196,10 +207,15 @@ pub trait Norm: fmt::Debug + Send {
     fn is_identity(&self) -> bool {
         false
     }
+    /// The norm's parameters by name (`weight`, `bias`).
+    fn parameters(&self) -> Vec<(&'static str, &Tensor)> {
+        Vec::new()
+    }
 }
 
-/// A core attention in the `core_attention` slot (Megatron `DotProductAttention`).
-pub trait CoreAttention: fmt::Debug + Send {
+/// A core attention in the `core_attention` slot (Megatron `DotProductAttention`). It is
+/// `Sync`: selective recompute calls it again from the autograd engine during backward.
+pub trait CoreAttention: fmt::Debug + Send + Sync {
     /// The registered kind.
     fn kind(&self) -> &'static str;
     /// Attention of `input.query` over `input.key`/`input.value`.
@@ -225,6 +241,16 @@ pub trait CoreAttention: fmt::Debug + Send {
             what: "paged key/value memory".into(),
         })
     }
+
+    /// QK-Clip: per-head maxima `[np]` of the masked, scaled logits of the training forwards
+    /// since the last [`reset_max_attention_logits`](Self::reset_max_attention_logits), when the
+    /// config asks for them (`qk_clip` or `log_max_attention_logit`); `None` otherwise.
+    fn max_attention_logits(&self) -> Option<Tensor> {
+        None
+    }
+
+    /// Forgets the recorded maxima.
+    fn reset_max_attention_logits(&self) {}
 }
 
 /// Paged key/value memory of one layer and the step's metadata (see
