@@ -11,16 +11,36 @@ use attention_core::training::{QkClipMode, ThreadGroup, TrainingError, clip_line
 use attention_core::{Attention, AttentionInput, CrossAttention, SelfAttention};
 use attention_spec::module::PackedSeqParams;
 use attention_spec::{ForwardError, Model};
-use attention_tests::assert_close;
+use attention_tests::{assert_close, test_devices};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-6;
 
+thread_local! {
+    static DEVICE: std::cell::Cell<Device> = const { std::cell::Cell::new(Device::Cpu) };
+}
+
+/// The device the current test body runs on.
+fn dev() -> Device {
+    DEVICE.with(std::cell::Cell::get)
+}
+
+/// Runs `body` on every test device (the CPU, and CUDA with the `cuda` feature).
+fn on_each_device(body: fn() -> Result<()>) -> Result<()> {
+    for d in test_devices() {
+        DEVICE.with(|c| c.set(d));
+        let r = body().with_context(|| format!("on {d:?}"));
+        DEVICE.with(|c| c.set(Device::Cpu));
+        r?;
+    }
+    Ok(())
+}
+
 fn build(toml: &str) -> Result<(VarStore, Attention)> {
     let model = Model::from_toml_str(toml, attention_core::registry()?)?;
     let layer = &model.layers[0];
-    let vs = VarStore::new(Device::Cpu);
+    let vs = VarStore::new(dev());
     let attn = Attention::build(&vs.root(), &model.config, &layer.attention, layer.layer_number)?;
     tch::no_grad(|| {
         for (name, mut t) in vs.variables() {
@@ -163,14 +183,18 @@ impl Function for Double {
 /// A Rust function joins libtorch's autograd; its errors surface as errors.
 #[test]
 fn custom_function_gradients_and_errors() -> Result<()> {
-    let x = Tensor::randn([3, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let y = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+    on_each_device(custom_function_gradients_and_errors_body)
+}
+
+fn custom_function_gradients_and_errors_body() -> Result<()> {
+    let x = Tensor::randn([3, 4], (Kind::Float, dev())).set_requires_grad(true);
+    let y = Tensor::randn([3, 4], (Kind::Float, dev()));
     let out = apply(Box::new(Double { seen: 0 }), &[&x, &y], 1)?.remove(0);
     assert_close(&out, &(&x * 2.0 + &y), 0.0, 0.0, "forward")?;
     (&out * 3.0).sum(Kind::Float).backward();
     assert_close(
         &x.grad(),
-        &Tensor::full([3, 4], 6.0, (Kind::Float, Device::Cpu)),
+        &Tensor::full([3, 4], 6.0, (Kind::Float, dev())),
         0.0,
         0.0,
         "backward",
@@ -190,6 +214,10 @@ fn custom_function_gradients_and_errors() -> Result<()> {
 /// both kinds, with masks, a bias, packed sequences, rotary and dropout.
 #[test]
 fn selective_recompute_equals_plain_path() -> Result<()> {
+    on_each_device(selective_recompute_equals_plain_path_body)
+}
+
+fn selective_recompute_equals_plain_path_body() -> Result<()> {
     for core in ["dot-product-attention", "sdpa"] {
         for dropout in [0.0, 0.2] {
             let extra =
@@ -202,16 +230,12 @@ fn selective_recompute_equals_plain_path() -> Result<()> {
             assert!(rc.config().checkpoint_core_attention());
             copy_params(&vs_plain, &vs_rc)?;
             let (s, b) = (9, 2);
-            let x = Tensor::randn([s, b, 32], (Kind::Float, Device::Cpu));
-            let g = Tensor::randn([s, b, 32], (Kind::Float, Device::Cpu));
-            let rope = attention_core::RotaryEmbedding::from_config(plain.config()).forward(
-                s,
-                0,
-                Device::Cpu,
-            );
-            let mask = Tensor::rand([b, 1, s, s], (Kind::Float, Device::Cpu)).lt(0.3);
-            let bias =
-                Tensor::randn([1, 4, s, s], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let x = Tensor::randn([s, b, 32], (Kind::Float, dev()));
+            let g = Tensor::randn([s, b, 32], (Kind::Float, dev()));
+            let rope =
+                attention_core::RotaryEmbedding::from_config(plain.config()).forward(s, 0, dev());
+            let mask = Tensor::rand([b, 1, s, s], (Kind::Float, dev())).lt(0.3);
+            let bias = Tensor::randn([1, 4, s, s], (Kind::Float, dev())).set_requires_grad(true);
             let variants = [
                 ("causal", Extras { rope: Some(&rope), ..Extras::default() }),
                 ("mask+bias", Extras { mask: Some(&mask), bias: Some(&bias), ..Extras::default() }),
@@ -231,7 +255,7 @@ fn selective_recompute_equals_plain_path() -> Result<()> {
                 }
             }
             // Packed sequences, batch 1.
-            let packed = PackedSeqParams::from_lengths(&[4, 3, 2], Device::Cpu);
+            let packed = PackedSeqParams::from_lengths(&[4, 3, 2], dev());
             let e = Extras { packed: Some(&packed), rope: Some(&rope), ..Extras::default() };
             let (xp, gp) = (x.narrow(1, 0, 1), g.narrow(1, 0, 1));
             let a = fwd_bwd(&plain, &vs_plain, &xp, &gp, e, 5)?;
@@ -246,6 +270,10 @@ fn selective_recompute_equals_plain_path() -> Result<()> {
 /// produces the ordinary gradients, accumulated over micro-batches.
 #[test]
 fn delayed_wgrad_equals_ordinary_backward() -> Result<()> {
+    on_each_device(delayed_wgrad_equals_ordinary_backward_body)
+}
+
+fn delayed_wgrad_equals_ordinary_backward_body() -> Result<()> {
     let base = "add_qkv_bias = true\nqk_layernorm = true";
     let (vs_plain, plain) = build(&config(base, "dot-product-attention"))?;
     let (vs_d, delayed) =
@@ -258,8 +286,8 @@ fn delayed_wgrad_equals_ordinary_backward() -> Result<()> {
     let mut x_grad_plain = Vec::new();
     let mut x_grad_delayed = Vec::new();
     for micro in 0..2 {
-        let x = Tensor::randn([7, 2, 32], (Kind::Float, Device::Cpu));
-        let g = Tensor::randn([7, 2, 32], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([7, 2, 32], (Kind::Float, dev()));
+        let g = Tensor::randn([7, 2, 32], (Kind::Float, dev()));
         let xp = x.detach().set_requires_grad(true);
         let out = plain.forward(&AttentionInput::new(&xp).training(true))?;
         (with_bias(out) * &g).sum(Kind::Float).backward();
@@ -311,8 +339,12 @@ fn with_bias(out: attention_core::AttentionOutput) -> Tensor {
 /// give η = [0.4, 0.25]; query rows scale by √η, key rows by √η, values untouched.
 #[test]
 fn qk_clip_known_logits() -> Result<()> {
+    on_each_device(qk_clip_known_logits_body)
+}
+
+fn qk_clip_known_logits_body() -> Result<()> {
     let (np, ngp, hn, h) = (8, 2, 4, 16);
-    let w = Tensor::randn([(np + 2 * ngp) * hn, h], (Kind::Float, Device::Cpu));
+    let w = Tensor::randn([(np + 2 * ngp) * hn, h], (Kind::Float, dev()));
     let before = w.copy();
     let m = Tensor::from_slice(&[50.0f32, 250., 90., 80., 400., 10., 20., 30.]);
     let factors = clip_linear_qkv(&w, &m, (np, ngp, hn), 100.0, 0.5, QkClipMode::PerGroup)?;
@@ -341,7 +373,7 @@ fn qk_clip_known_logits() -> Result<()> {
         let eta_h = [1.0, 0.4, 1.0, 1.0, 0.25, 1.0, 1.0, 1.0][head as usize];
         assert_close(
             &ratio,
-            &Tensor::full(ratio.size(), eta_h, (Kind::Float, Device::Cpu)),
+            &Tensor::full(ratio.size(), eta_h, (Kind::Float, dev())),
             1e-4,
             1e-4,
             "per-head product",
@@ -372,16 +404,19 @@ fn qk_clip_known_logits() -> Result<()> {
 /// batches), clipped by `clip_qk` so that afterwards each group's max is at most τ.
 #[test]
 fn qk_clip_end_to_end() -> Result<()> {
+    on_each_device(qk_clip_end_to_end_body)
+}
+
+fn qk_clip_end_to_end_body() -> Result<()> {
     for core in ["dot-product-attention", "sdpa"] {
         for mode in [QkClipMode::PerGroup, QkClipMode::PerHead] {
             let extra = "qk_clip = true\nqk_clip_threshold = 4.0\nadd_bias_linear = false\nsoftmax_scale = 0.5";
             let (_vs, attn) = build(&config(extra, core))?;
             let a = self_attention(&attn)?;
             assert!(matches!(a.clip_qk(), Err(TrainingError::NoLogitsRecorded)));
-            let xs: Vec<Tensor> = (0..2)
-                .map(|_| Tensor::randn([8, 2, 32], (Kind::Float, Device::Cpu)) * 2.0)
-                .collect();
-            let mask = Tensor::rand([2, 1, 8, 8], (Kind::Float, Device::Cpu)).lt(0.2);
+            let xs: Vec<Tensor> =
+                (0..2).map(|_| Tensor::randn([8, 2, 32], (Kind::Float, dev())) * 2.0).collect();
+            let mask = Tensor::rand([2, 1, 8, 8], (Kind::Float, dev())).lt(0.2);
             // Eval forwards record nothing.
             a.forward(&AttentionInput::new(&xs[0]))?;
             assert!(a.core_attention().max_attention_logits().is_none());
@@ -514,6 +549,10 @@ impl RankId for ThreadGroup {
 /// attention (as Megatron's base class).
 #[test]
 fn set_for_recompute_input_layernorm() -> Result<()> {
+    on_each_device(set_for_recompute_input_layernorm_body)
+}
+
+fn set_for_recompute_input_layernorm_body() -> Result<()> {
     let (_vs, attn) = build(&config("", "dot-product-attention"))?;
     let a = self_attention(&attn)?;
     assert!(!a.recompute_input_layernorm());
