@@ -57,6 +57,7 @@ pub mod attention;
 )]
 pub mod autograd;
 pub mod check;
+pub mod convert;
 pub mod dot_product;
 pub mod inference;
 pub mod linear;

@@ -4,7 +4,8 @@
 //! make libtorch exist. Commands:
 //!
 //! * `setup` — create `.venv` with the packages of `tools/requirements.txt` (PyTorch 2.11.0,
-//!   whose libtorch the build links) when missing or stale, and point `.venv/libtorch` at the
+//!   whose libtorch the build links) and `tools/requirements-nodeps.txt` (model files) when
+//!   missing or stale, and point `.venv/libtorch` at the
 //!   wheel's `torch` folder, which `.cargo/config.toml` names as `LIBTORCH`.
 //! * `attn [ARGS...]` — set up, then run the `attn` binary (release build) with `ARGS`.
 //! * `ci` — set up, then everything CI checks: formatting, clippy with warnings denied, each
@@ -58,9 +59,13 @@ fn setup() -> Result<PathBuf, String> {
     let venv = root.join(".venv");
     let python = venv.join("bin/python");
     let requirements = root.join("tools/requirements.txt");
+    let nodeps = root.join("tools/requirements-nodeps.txt");
     let stamp = venv.join(".requirements.installed");
-    let wanted = std::fs::read_to_string(&requirements)
-        .map_err(|e| format!("cannot read {}: {e}", requirements.display()))?;
+    let mut wanted = String::new();
+    for file in [&requirements, &nodeps] {
+        wanted += &std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    }
     let installed = std::fs::read_to_string(&stamp).unwrap_or_default();
     let torch_ok = python_output(&python, "import torch; print(torch.__version__)")
         .is_some_and(|v| v.split('+').next() == Some(TORCH_VERSION));
@@ -72,6 +77,9 @@ fn setup() -> Result<PathBuf, String> {
         run(Command::new(&python)
             .args(["-m", "pip", "install", "--quiet", "-r"])
             .arg(&requirements))?;
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--no-deps", "-r"])
+            .arg(&nodeps))?;
         std::fs::write(&stamp, &wanted)
             .map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
     }
