@@ -52,3 +52,45 @@ pub trait InferenceContext {
         input: &AttentionInput<'_>,
     ) -> Result<Tensor, ForwardError>;
 }
+
+/// `cos` and `sin` `[max_seq, rot_dim / 2]` (fp32) of a rotary table, and its layout.
+#[derive(Debug, Clone, Copy)]
+pub struct RotaryCosSin<'a> {
+    /// `cos(position * inv_freq)`.
+    pub cos: &'a Tensor,
+    /// `sin(position * inv_freq)`.
+    pub sin: &'a Tensor,
+    /// Interleaved pairs instead of rotate-half.
+    pub interleaved: bool,
+}
+
+/// One decode step over a static cache, for a fused kernel (Megatron's `flash_decode`).
+#[derive(Debug, Clone, Copy)]
+pub struct StaticDecodeStep<'a> {
+    /// `[1, b, np, hn]`, not rotated.
+    pub query: &'a Tensor,
+    /// `[1, b, ngp, hn]`, not rotated: written to the cache at each row's offset.
+    pub key: &'a Tensor,
+    /// `[1, b, ngp, hn]`.
+    pub value: &'a Tensor,
+    /// `[max_seq, max_batch, ngp, hn]`, rotated keys.
+    pub key_cache: &'a Tensor,
+    /// `[max_seq, max_batch, ngp, hn]`.
+    pub value_cache: &'a Tensor,
+    /// First batch row of the step in the cache.
+    pub batch_offset: i64,
+    /// int32 `[b]` on the device: tokens cached per row (the new token's position). A device
+    /// tensor, so a captured step replays with new offsets.
+    pub sequence_offsets: &'a Tensor,
+    /// Rotary for the query and the new key, if any.
+    pub rotary: Option<RotaryCosSin<'a>>,
+    /// Softmax scale.
+    pub softmax_scale: f64,
+}
+
+/// A fused static-cache decode kernel: rotary of the query and the new key at each row's
+/// offset, the append of the new key and value, and attention over the cached prefix.
+pub trait FlashDecode: std::fmt::Debug + Send + Sync {
+    /// Output `[1, b, np * hn]`.
+    fn flash_decode(&self, step: &StaticDecodeStep<'_>) -> Result<Tensor, ForwardError>;
+}

@@ -1,23 +1,51 @@
 //! CUDA fast paths for the attention crates.
 //!
-//! Status: this crate holds the plumbing so far — the `cuda` feature, its forwarding to
-//! `attention-core`, and the device check every CUDA entry point starts with. The fused
-//! kernels (`flash_decode`, paged `flash_decode_and_prefill`) and the libtorch shim for varlen
-//! flash attention and SDPA backend selection are not written yet. Prefill and training on a
-//! GPU already run through `attention-core`'s `sdpa` kind, which dispatches to libtorch's
-//! cuDNN and flash kernels.
+//! * `flash_decode` over the static KV cache ([`decode::CudaFlashDecode`], plugged into
+//!   `attention_inference::StaticInferenceContext::set_flash_decode`): one kernel rotates the
+//!   query and the new key at each row's offset (offsets are a device tensor), appends the new
+//!   key and value to the cache and attends over the cached prefix, with split-KV and each
+//!   key/value head read once per query group; a second small kernel merges the splits.
+//! * `paged-attention-cuda` ([`decode::CudaPagedAttention`]): `flash_decode_and_prefill` over the
+//!   paged cache — decode tokens and chunked-prefill tokens of many requests in one launch, any
+//!   block size, bottom-right causal, GQA-aware, split-KV, appending the step's keys and values.
+//!   Select it with `DynamicContextOptions::paged_attention`.
+//! * `sdpa-cuda` ([`sdpa::SdpaCuda`]): the SDPA core attention with the backend set from the spec
+//!   (`params = { backend = "cudnn" | "flash" | "efficient" | "math" | "auto" }`) and reported,
+//!   and packed THD sequences through libtorch's variable-length flash attention (forward and
+//!   backward).
+//!
+//! Kernels are CUDA C++ (`kernels/attention.cu`), compiled with NVRTC at run time for the
+//! device's architecture and launched through the CUDA driver API (cudarc, loaded dynamically)
+//! on libtorch's current stream. A small C++ shim (`shim/cuda_shim.cpp`) reaches the libtorch
+//! APIs tch does not bind. See [`runtime`] for where NVRTC and the headers are found.
 //!
 //! # Other crates
 //!
 //! Depends on `attention-spec` and `attention-core`. Nothing library-side depends on it:
-//! binaries and tests name it.
+//! binaries and tests name it ([`link`]) so its kinds are registered.
 //!
 //! # Feature flags
 //!
-//! * `cuda` (off by default): CUDA code. Without it the crate builds on any machine, with no
-//!   CUDA toolkit, and [`require_cuda`] returns [`Error::NotCompiledWithCuda`].
+//! * `cuda` (off by default): the CUDA code. Without it the crate builds on any machine with no
+//!   CUDA toolkit, its kinds are still registered (so specs naming them resolve) but refuse to
+//!   build, and [`require_cuda`] returns [`Error::NotCompiledWithCuda`].
 
+use attention_spec::ForwardError;
 use tch::Device;
+
+#[cfg(feature = "cuda")]
+pub mod decode;
+#[cfg(feature = "cuda")]
+mod launch;
+#[cfg(feature = "cuda")]
+pub mod runtime;
+pub mod sdpa;
+#[cfg(feature = "cuda")]
+#[expect(
+    unsafe_code,
+    reason = "FFI to shim/cuda_shim.cpp; each unsafe block states its safety argument"
+)]
+pub mod shim;
 
 /// Why a CUDA path cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +62,42 @@ pub enum Error {
         /// How many CUDA devices libtorch sees.
         available: i64,
     },
+    /// NVRTC, the CUDA headers or the driver library could not be found or loaded.
+    #[error("CUDA toolkit: {0}")]
+    Toolkit(String),
+    /// NVRTC rejected the kernels.
+    #[error("kernel compilation: {0}")]
+    Compile(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    /// Valid input the kernels do not handle (head dimension, dtype, sizes).
+    #[error("not supported by the CUDA kernels: {0}")]
+    Unsupported(String),
+    /// Inconsistent input (shapes, devices, contiguity).
+    #[error("{0}")]
+    Input(String),
+    /// libtorch raised an error.
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Self::Torch(e.to_string())
+    }
+}
+
+impl From<Error> for ForwardError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Unsupported(what) => {
+                ForwardError::Unsupported { module: "attention-cuda", what }
+            }
+            Error::Input(reason) => ForwardError::Invalid { name: "attention-cuda input", reason },
+            other => ForwardError::Context(Box::new(other)),
+        }
+    }
 }
 
 /// Checks that CUDA paths can run on `device`: the crate has the `cuda` feature and libtorch
@@ -48,6 +112,12 @@ pub fn require_cuda(device: Device) -> Result<(), Error> {
         _ => Err(Error::NoDevice { device, available }),
     }
 }
+
+/// The kinds this crate registers.
+pub const BUILTIN_KINDS: &[&str] = &["paged-attention-cuda", "sdpa-cuda"];
+
+/// Makes sure this crate, and so its kind registrations, is linked into the binary.
+pub fn link() {}
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,9 @@
 
 use std::collections::BTreeMap;
 
-use attention_core::inference::{InferenceContext, LayerContext, Qkv};
+use attention_core::inference::{
+    FlashDecode, InferenceContext, LayerContext, Qkv, RotaryCosSin, StaticDecodeStep,
+};
 use attention_core::{AttentionInput, RotaryPosEmb};
 use attention_spec::module::CoreAttentionInput;
 use attention_spec::{AttnMaskType, ForwardError};
@@ -39,6 +41,13 @@ pub struct StaticInferenceContext {
     pub batch_size_offset: i64,
     decode_mode: bool,
     key_value_memory: BTreeMap<i64, (Tensor, Tensor)>,
+    /// A fused kernel for single-token steps (Megatron's `flash_decode`), if set.
+    flash_decode: Option<Box<dyn FlashDecode>>,
+    /// int32 `[max_batch]` on the cache's device: `sequence_len_offset` for every row, kept in
+    /// place so a captured decode step replays with new offsets.
+    offsets: Option<(Tensor, i64)>,
+    /// cos/sin of the last rotary table seen, keyed by its address and shape.
+    cos_sin: Option<((usize, Vec<i64>, bool), Tensor, Tensor)>,
 }
 
 impl StaticInferenceContext {
@@ -57,7 +66,22 @@ impl StaticInferenceContext {
             batch_size_offset: 0,
             decode_mode: false,
             key_value_memory: BTreeMap::new(),
+            flash_decode: None,
+            offsets: None,
+            cos_sin: None,
         })
+    }
+
+    /// Runs single-token steps through a fused decode kernel (e.g. `attention-cuda`'s
+    /// `CudaFlashDecode`): rotary, append and attention in one launch. Steps with more than one
+    /// token, a mask or a bias keep the ordinary path; both write the same (rotated) cache.
+    pub fn set_flash_decode(&mut self, kernel: Box<dyn FlashDecode>) {
+        self.flash_decode = Some(kernel);
+    }
+
+    /// Whether a fused decode kernel is set.
+    pub fn has_flash_decode(&self) -> bool {
+        self.flash_decode.is_some()
     }
 
     /// The cached keys and values of a layer, `[max_seq, max_batch, ngp, hn]` each.
@@ -176,6 +200,80 @@ impl StaticInferenceContext {
     }
 }
 
+impl StaticInferenceContext {
+    /// A single-token step through the fused kernel.
+    fn fused_decode(
+        &mut self,
+        layer: &LayerContext<'_>,
+        (query, key, value): (&Tensor, &Tensor, &Tensor),
+        (k_mem, v_mem): (&Tensor, &Tensor),
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor, ForwardError> {
+        let device = key.device();
+        let b = key.size()[1];
+        // Offsets: one device tensor for all rows, refilled only when the offset moved.
+        let current = self.sequence_len_offset;
+        let stale = !matches!(&self.offsets, Some((t, v)) if t.device() == device && *v == current);
+        if stale {
+            let t = match self.offsets.take() {
+                Some((mut t, _)) if t.device() == device => {
+                    let _ = t.f_fill_(current)?;
+                    t
+                }
+                _ => Tensor::f_full([self.max_batch_size], current, (Kind::Int, device))?,
+            };
+            self.offsets = Some((t, current));
+        }
+        let offsets = match &self.offsets {
+            Some((t, _)) => t.f_narrow(0, self.batch_size_offset, b)?,
+            None => unreachable!("set above"),
+        };
+        // cos/sin [max_seq, rot/2] of the rotary table (rotate-half: its first half; interleaved:
+        // its even columns), cached while the same table comes back.
+        let interleaved = layer.config.rotary_interleaved;
+        let cos_sin = match rope {
+            Some((q_emb, _)) => {
+                let key_id = (q_emb.data_ptr() as usize, q_emb.size(), interleaved);
+                if self.cos_sin.as_ref().is_none_or(|(k, _, _)| *k != key_id) {
+                    let rot = q_emb.size()[3];
+                    let flat = q_emb.f_reshape([q_emb.size()[0], rot])?.f_to_kind(Kind::Float)?;
+                    let freqs = if interleaved {
+                        flat.f_slice(1, 0, rot, 2)?
+                    } else {
+                        flat.f_narrow(1, 0, rot / 2)?
+                    };
+                    self.cos_sin = Some((
+                        key_id,
+                        freqs.f_cos()?.f_contiguous()?,
+                        freqs.f_sin()?.f_contiguous()?,
+                    ));
+                }
+                self.cos_sin.as_ref().map(|(_, c, s)| RotaryCosSin { cos: c, sin: s, interleaved })
+            }
+            None => None,
+        };
+        let scale =
+            layer.config.softmax_scale.unwrap_or(1.0 / (layer.config.kv_channels as f64).sqrt());
+        let (query, key, value) =
+            (query.f_contiguous()?, key.f_contiguous()?, value.f_contiguous()?);
+        let step = StaticDecodeStep {
+            query: &query,
+            key: &key,
+            value: &value,
+            key_cache: k_mem,
+            value_cache: v_mem,
+            batch_offset: self.batch_size_offset,
+            sequence_offsets: &offsets,
+            rotary: cos_sin,
+            softmax_scale: scale,
+        };
+        match &self.flash_decode {
+            Some(kernel) => kernel.flash_decode(&step),
+            None => unreachable!("checked by the caller"),
+        }
+    }
+}
+
 /// `[1, 1, s, s0 + s]`, true where key `j` lies after query `i` (at absolute position `s0 + i`).
 fn bottom_right_causal(s: i64, s0: i64, device: Device) -> Tensor {
     let q = Tensor::arange_start(s0, s0 + s, (Kind::Int64, device)).unsqueeze(1);
@@ -226,6 +324,13 @@ impl InferenceContext for StaticInferenceContext {
             attention_core::mask::check_bias(bias, b, np, s, s1, key.device())?;
         }
         let (k_mem, v_mem) = self.memory_for(layer.layer_number, &key)?;
+        if s == 1
+            && self.flash_decode.is_some()
+            && input.attention_mask.is_none()
+            && input.attention_bias.is_none()
+        {
+            return self.fused_decode(layer, (&query, &key, &value), (&k_mem, &v_mem), rope);
+        }
         // 2. Rotate the new tokens at positions s0..s1; cache rotated keys.
         let interleaved = layer.config.rotary_interleaved;
         let (query, key) = match rope {

@@ -251,6 +251,11 @@ pub trait CoreAttention: fmt::Debug + Send + Sync {
 
     /// Forgets the recorded maxima.
     fn reset_max_attention_logits(&self) {}
+
+    /// The kernel backend the last call ran, when the kind can tell (e.g. `cudnn`, `flash`).
+    fn backend(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Paged key/value memory of one layer and the step's metadata (see

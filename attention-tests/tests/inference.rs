@@ -112,8 +112,9 @@ fn with_bias(out: attention_core::AttentionOutput) -> Tensor {
 fn config(heads: i64, groups: i64, extra: &str, layers: i64) -> String {
     format!(
         "[transformer]\nnum_layers = {layers}\nhidden_size = 32\nnum_attention_heads = {heads}\n\
-         num_query_groups = {groups}\nkv_channels = 8\nattention_dropout = 0.0\n{extra}\n\
-         [attention]\npreset = \"gpt-local\"\n"
+         num_query_groups = {groups}\n{}attention_dropout = 0.0\n{extra}\n\
+         [attention]\npreset = \"gpt-local\"\n",
+        if extra.contains("kv_channels") { "" } else { "kv_channels = 8\n" }
     )
 }
 
@@ -292,13 +293,19 @@ struct Coverage {
 }
 
 /// One random schedule.
-fn run_schedule(seed: u64, device: Device, cov: &mut Coverage) -> Result<()> {
+fn run_schedule(seed: u64, device: Device, paged_kind: &str, cov: &mut Coverage) -> Result<()> {
     let mut rng = Lcg(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
     let heads_groups = [(4, 4), (4, 2), (4, 1)][rng.range(0, 2) as usize];
     let rope = if rng.range(0, 1) == 1 { "position_embedding_type = \"rope\"" } else { "" };
+    // The CUDA kernels take head dimensions of 32 and up.
+    let rope = if paged_kind.ends_with("-cuda") {
+        format!("{rope}\nkv_channels = 32")
+    } else {
+        rope.to_string()
+    };
     let layers = rng.range(1, 2);
     tch::manual_seed(seed as i64);
-    let stack = Stack::new(&config(heads_groups.0, heads_groups.1, rope, layers), device)?;
+    let stack = Stack::new(&config(heads_groups.0, heads_groups.1, &rope, layers), device)?;
     let block_size = [1, 4, 16, 3, 7][rng.range(0, 4) as usize];
     let n_req = rng.range(1, 6);
     let mut reqs = Vec::new();
@@ -316,7 +323,8 @@ fn run_schedule(seed: u64, device: Device, cov: &mut Coverage) -> Result<()> {
     // Memory: from a tight fit (forcing evictions) to plenty.
     let need_one = (longest + block_size - 1) / block_size;
     let num_blocks = need_one + rng.range(0, need_one * n_req);
-    let options = DynamicContextOptions::new(layers, block_size, KvMemory::Blocks(num_blocks));
+    let mut options = DynamicContextOptions::new(layers, block_size, KvMemory::Blocks(num_blocks));
+    options.paged_attention = paged_kind.to_string();
     let mut ctx = DynamicInferenceContext::new(
         &stack.model.config,
         &options,
@@ -446,7 +454,7 @@ fn dynamic_random_schedules_equal_full_forward() -> Result<()> {
     for device in test_devices() {
         let mut cov = Coverage::default();
         for seed in 1..=220 {
-            run_schedule(seed, device, &mut cov)?;
+            run_schedule(seed, device, "paged-attention", &mut cov)?;
         }
         println!("{device:?}: {cov:?}");
         if cov.steps < 2000
@@ -457,6 +465,19 @@ fn dynamic_random_schedules_equal_full_forward() -> Result<()> {
             bail!("the schedules exercised too little: {cov:?}");
         }
     }
+    Ok(())
+}
+
+/// The same schedules through the CUDA `flash_decode_and_prefill` kernel.
+#[cfg(feature = "cuda")]
+#[test]
+fn dynamic_random_schedules_cuda_kernel() -> Result<()> {
+    attention_cuda::link();
+    let mut cov = Coverage::default();
+    for seed in 1..=220 {
+        run_schedule(seed, Device::Cuda(0), "paged-attention-cuda", &mut cov)?;
+    }
+    println!("Cuda kernel: {cov:?}");
     Ok(())
 }
 

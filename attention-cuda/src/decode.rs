@@ -1,0 +1,248 @@
+//! `flash_decode` over the static cache, and `paged-attention-cuda`, the fused
+//! `flash_decode_and_prefill` over the paged cache: both launch `kernels/attention.cu`.
+
+use attention_core::inference::{FlashDecode, StaticDecodeStep};
+use attention_spec::ForwardError;
+use attention_spec::module::{CoreAttention, CoreAttentionInput, PagedKv};
+use tch::{Kind, Tensor};
+
+use crate::Error;
+use crate::launch::{
+    Geometry, Params, check_head_dim, check_tensor, cuda_index, dtype_name, launch,
+};
+
+fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
+    <[i64; 4]>::try_from(t.size())
+        .map_err(|s| Error::Input(format!("{name}: expected 4 dims, got {s:?}")))
+}
+
+/// The static-cache decode kernel (Megatron's `flash_decode`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CudaFlashDecode;
+
+impl CudaFlashDecode {
+    /// Runs one decode step; see [`StaticDecodeStep`].
+    pub fn run(&self, s: &StaticDecodeStep<'_>) -> Result<Tensor, Error> {
+        let [one, b, np, hd] = size4("query", s.query)?;
+        let [max_seq, max_batch, ngp, hdk] = size4("key_cache", s.key_cache)?;
+        if one != 1 || hdk != hd || ngp == 0 || np % ngp != 0 {
+            return Err(Error::Input(format!(
+                "query {:?} does not fit the cache {:?}",
+                s.query.size(),
+                s.key_cache.size()
+            )));
+        }
+        for (name, t) in [("key", s.key), ("value", s.value)] {
+            if t.size() != [1, b, ngp, hd] {
+                return Err(Error::Input(format!(
+                    "{name}: expected [1, {b}, {ngp}, {hd}], got {:?}",
+                    t.size()
+                )));
+            }
+        }
+        if s.value_cache.size() != s.key_cache.size() {
+            return Err(Error::Input("value_cache and key_cache differ in shape".into()));
+        }
+        if s.batch_offset < 0 || s.batch_offset + b > max_batch {
+            return Err(Error::Input(format!(
+                "batch rows {}..{} outside the cache's {max_batch}",
+                s.batch_offset,
+                s.batch_offset + b
+            )));
+        }
+        let kind = s.query.kind();
+        dtype_name(kind)?;
+        check_head_dim(hd)?;
+        let device = s.query.device();
+        let ordinal = cuda_index("query", s.query)?;
+        for (name, t) in [
+            ("query", s.query),
+            ("key", s.key),
+            ("value", s.value),
+            ("key_cache", s.key_cache),
+            ("value_cache", s.value_cache),
+        ] {
+            check_tensor(name, t, kind, device)?;
+        }
+        check_tensor("sequence_offsets", s.sequence_offsets, Kind::Int, device)?;
+        if s.sequence_offsets.size() != [b] {
+            return Err(Error::Input(format!(
+                "sequence_offsets: expected [{b}], got {:?}",
+                s.sequence_offsets.size()
+            )));
+        }
+        let out = Tensor::f_empty([1, b, np * hd], (kind, device))?;
+        let mut p = Params {
+            q: s.query.data_ptr() as u64,
+            k_new: s.key.data_ptr() as u64,
+            v_new: s.value.data_ptr() as u64,
+            k_cache: s.key_cache.data_ptr() as u64,
+            v_cache: s.value_cache.data_ptr() as u64,
+            out: out.data_ptr() as u64,
+            kv_len: s.sequence_offsets.data_ptr() as u64,
+            seq_stride: max_batch * ngp * hd,
+            batch_stride: ngp * hd,
+            batch_offset: s.batch_offset as i32,
+            scale_log2: (s.softmax_scale * std::f64::consts::LOG2_E) as f32,
+            ..Params::default()
+        };
+        if let Some(r) = s.rotary {
+            let [rows, half] = <[i64; 2]>::try_from(r.cos.size())
+                .map_err(|s| Error::Input(format!("cos: expected 2 dims, got {s:?}")))?;
+            if r.sin.size() != [rows, half] || rows < max_seq || 2 * half > hd {
+                return Err(Error::Input(format!(
+                    "rotary cos/sin {:?} do not cover {max_seq} positions of {hd} channels",
+                    r.cos.size()
+                )));
+            }
+            check_tensor("cos", r.cos, Kind::Float, device)?;
+            check_tensor("sin", r.sin, Kind::Float, device)?;
+            p.cos = r.cos.data_ptr() as u64;
+            p.sin = r.sin.data_ptr() as u64;
+            p.rot_half = half as i32;
+            p.interleaved = i32::from(r.interleaved);
+        }
+        let geo = Geometry {
+            n_rows: b,
+            max_q: 1,
+            hkv: ngp,
+            group: np / ngp,
+            max_keys: max_seq,
+            total_tokens: b,
+        };
+        launch(false, kind, hd, ordinal, p, geo)?;
+        Ok(out)
+    }
+}
+
+impl FlashDecode for CudaFlashDecode {
+    fn flash_decode(&self, step: &StaticDecodeStep<'_>) -> Result<Tensor, ForwardError> {
+        self.run(step).map_err(Into::into)
+    }
+}
+
+/// `paged-attention-cuda`: `flash_decode_and_prefill` over the paged cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaPagedAttention {
+    scale: f64,
+}
+
+impl CudaPagedAttention {
+    /// With a softmax scale.
+    pub fn new(scale: f64) -> Self {
+        Self { scale }
+    }
+
+    /// Appends the step's keys and values and attends; see `CoreAttention::forward_paged`.
+    pub fn run(
+        &self,
+        input: &CoreAttentionInput<'_>,
+        paged: &PagedKv<'_>,
+    ) -> Result<Tensor, Error> {
+        // The kernel reads packed rows: make the (usually strided) projections contiguous.
+        let (q, k, v) =
+            (input.query.f_contiguous()?, input.key.f_contiguous()?, input.value.f_contiguous()?);
+        let input = &CoreAttentionInput { query: &q, key: &k, value: &v, ..*input };
+        let [t, one, np, hd] = size4("query", input.query)?;
+        let [nb, bs, ngp, hdk] = size4("key_cache", paged.key_cache)?;
+        if one != 1 || hdk != hd || ngp == 0 || np % ngp != 0 {
+            return Err(Error::Input(format!(
+                "query {:?} does not fit the cache {:?}",
+                input.query.size(),
+                paged.key_cache.size()
+            )));
+        }
+        for (name, x) in [("key", input.key), ("value", input.value)] {
+            if x.size() != [t, 1, ngp, hd] {
+                return Err(Error::Input(format!(
+                    "{name}: expected [{t}, 1, {ngp}, {hd}], got {:?}",
+                    x.size()
+                )));
+            }
+        }
+        if paged.value_cache.size() != [nb, bs, ngp, hd] {
+            return Err(Error::Input("value_cache and key_cache differ in shape".into()));
+        }
+        let kind = input.query.kind();
+        dtype_name(kind)?;
+        check_head_dim(hd)?;
+        let device = input.query.device();
+        let ordinal = cuda_index("query", input.query)?;
+        for (name, x) in [
+            ("query", input.query),
+            ("key", input.key),
+            ("value", input.value),
+            ("key_cache", paged.key_cache),
+            ("value_cache", paged.value_cache),
+        ] {
+            check_tensor(name, x, kind, device)?;
+        }
+        let bt = paged.block_table.size();
+        let n = bt.first().copied().unwrap_or(0);
+        if bt.len() != 2 || paged.cu_seqlens_q.size() != [n + 1] || paged.seqlens_k.size() != [n] {
+            return Err(Error::Input(format!(
+                "block_table {bt:?}, cu_seqlens_q {:?}, seqlens_k {:?} do not describe the same requests",
+                paged.cu_seqlens_q.size(),
+                paged.seqlens_k.size()
+            )));
+        }
+        for (name, x) in [
+            ("block_table", paged.block_table),
+            ("cu_seqlens_q", paged.cu_seqlens_q),
+            ("seqlens_k", paged.seqlens_k),
+        ] {
+            check_tensor(name, x, Kind::Int, device)?;
+        }
+        let out = Tensor::f_empty([t, 1, np * hd], (kind, device))?;
+        if t == 0 || n == 0 {
+            return Ok(out);
+        }
+        let p = Params {
+            q: input.query.data_ptr() as u64,
+            k_new: input.key.data_ptr() as u64,
+            v_new: input.value.data_ptr() as u64,
+            k_cache: paged.key_cache.data_ptr() as u64,
+            v_cache: paged.value_cache.data_ptr() as u64,
+            out: out.data_ptr() as u64,
+            cu_q: paged.cu_seqlens_q.data_ptr() as u64,
+            kv_len: paged.seqlens_k.data_ptr() as u64,
+            block_table: paged.block_table.data_ptr() as u64,
+            block_size: bs as i32,
+            bt_stride: bt[1] as i32,
+            scale_log2: (self.scale * std::f64::consts::LOG2_E) as f32,
+            ..Params::default()
+        };
+        let geo = Geometry {
+            n_rows: n,
+            max_q: paged.max_seqlen_q,
+            hkv: ngp,
+            group: np / ngp,
+            max_keys: paged.max_seqlen_k,
+            total_tokens: t,
+        };
+        launch(true, kind, hd, ordinal, p, geo)?;
+        Ok(out)
+    }
+}
+
+impl CoreAttention for CudaPagedAttention {
+    fn kind(&self) -> &'static str {
+        "paged-attention-cuda"
+    }
+
+    fn forward(&self, _input: &CoreAttentionInput<'_>) -> Result<Tensor, ForwardError> {
+        Err(ForwardError::Unsupported {
+            module: "paged-attention-cuda",
+            what: "a call without paged KV memory (it runs inside a DynamicInferenceContext)"
+                .into(),
+        })
+    }
+
+    fn forward_paged(
+        &self,
+        input: &CoreAttentionInput<'_>,
+        paged: &PagedKv<'_>,
+    ) -> Result<Tensor, ForwardError> {
+        self.run(input, paged).map_err(Into::into)
+    }
+}

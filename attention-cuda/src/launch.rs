@@ -1,0 +1,219 @@
+//! The kernels' parameter block and launch geometry (tiles, head chunks, split-KV).
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use tch::{Device, Kind, Tensor};
+
+use crate::Error;
+use crate::runtime::{Variant, kernels};
+
+/// (token, head) pairs a block keeps (the kernels' `MAX_PAIRS`).
+pub(crate) const MAX_PAIRS: i64 = 8;
+
+/// Keys per shared-memory stage (the kernels' `Tile::KT`).
+fn key_tile(hd: i64, elt: i64) -> i64 {
+    match hd * elt {
+        b if b <= 256 => 64,
+        b if b <= 512 => 32,
+        _ => 16,
+    }
+}
+/// Fewest keys worth a split of their own.
+const MIN_SPLIT_KEYS: i64 = 256;
+/// Blocks per multiprocessor the split-KV heuristic aims for.
+const BLOCKS_PER_SM: i64 = 6;
+
+/// `struct Params` of `kernels/attention.cu`, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Params {
+    pub q: u64,
+    pub k_new: u64,
+    pub v_new: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub out: u64,
+    pub part_o: u64,
+    pub part_lse: u64,
+    pub cu_q: u64,
+    pub kv_len: u64,
+    pub block_table: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub seq_stride: i64,
+    pub batch_stride: i64,
+    pub batch_offset: i32,
+    pub block_size: i32,
+    pub bt_stride: i32,
+    pub rot_half: i32,
+    pub interleaved: i32,
+    pub n_rows: i32,
+    pub hq: i32,
+    pub hkv: i32,
+    pub group: i32,
+    pub heads_per_chunk: i32,
+    pub nchunks: i32,
+    pub nsplit: i32,
+    pub tokens_per_tile: i32,
+    pub split_len: i32,
+    pub total_tokens: i32,
+    pub scale_log2: f32,
+}
+
+#[expect(unsafe_code, reason = "kernel parameter block")]
+// SAFETY: plain old data with the exact layout of the kernels' `struct Params`.
+unsafe impl DeviceRepr for Params {}
+
+/// The dtype part of kernel names.
+pub(crate) fn dtype_name(kind: Kind) -> Result<&'static str, Error> {
+    match kind {
+        Kind::BFloat16 => Ok("bf16"),
+        Kind::Half => Ok("f16"),
+        Kind::Float => Ok("f32"),
+        other => Err(Error::Unsupported(format!("dtype {other:?} (bfloat16, float16 or float32)"))),
+    }
+}
+
+/// Head dimensions the kernels are built for.
+pub(crate) fn check_head_dim(hd: i64) -> Result<(), Error> {
+    if [32, 64, 128, 256].contains(&hd) {
+        Ok(())
+    } else {
+        Err(Error::Unsupported(format!("head dimension {hd} (32, 64, 128 or 256)")))
+    }
+}
+
+/// The device index of a CUDA tensor.
+pub(crate) fn cuda_index(name: &'static str, t: &Tensor) -> Result<usize, Error> {
+    match t.device() {
+        Device::Cuda(i) => Ok(i),
+        d => Err(Error::Input(format!("{name} is on {d:?}, not a CUDA device"))),
+    }
+}
+
+/// Requires a contiguous tensor of `kind` on `device` (the kernels read raw pointers).
+pub(crate) fn check_tensor(
+    name: &'static str,
+    t: &Tensor,
+    kind: Kind,
+    device: Device,
+) -> Result<(), Error> {
+    if t.kind() != kind {
+        return Err(Error::Input(format!("{name}: dtype {:?}, expected {kind:?}", t.kind())));
+    }
+    if t.device() != device {
+        return Err(Error::Input(format!("{name}: on {:?}, expected {device:?}", t.device())));
+    }
+    if !t.is_contiguous() {
+        return Err(Error::Input(format!("{name} must be contiguous")));
+    }
+    // Vector loads need 16-byte alignment; integer metadata is read element by element.
+    if t.is_floating_point() && t.data_ptr() as usize % 16 != 0 {
+        return Err(Error::Input(format!("{name} is not 16-byte aligned")));
+    }
+    Ok(())
+}
+
+/// Launch geometry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub n_rows: i64,
+    /// Most new tokens of any row.
+    pub max_q: i64,
+    pub hkv: i64,
+    pub group: i64,
+    pub max_keys: i64,
+    pub total_tokens: i64,
+}
+
+/// Runs the attention kernel (and the split combine) on libtorch's stream.
+pub(crate) fn launch(
+    paged: bool,
+    kind: Kind,
+    hd: i64,
+    device: usize,
+    mut p: Params,
+    geo: Geometry,
+) -> Result<(), Error> {
+    let name = dtype_name(kind)?;
+    let k = kernels(device, Variant { dtype: name, head_dim: hd })?;
+    let elt = kind.elt_size_in_bytes() as i64;
+    let vec = 16 / elt;
+    let kt = key_tile(hd, elt);
+    // Head chunks of at most MAX_PAIRS heads; tokens per tile fill the remaining pairs.
+    let heads_per_chunk = geo.group.min(MAX_PAIRS);
+    let nchunks = (geo.group + heads_per_chunk - 1) / heads_per_chunk;
+    let tokens_per_tile = (MAX_PAIRS / heads_per_chunk).max(1);
+    let tiles = (geo.max_q + tokens_per_tile - 1) / tokens_per_tile;
+    // Split-KV: enough blocks to keep every multiprocessor busy with several resident blocks
+    // (memory latency is hidden across blocks), splits of at least MIN_SPLIT_KEYS keys.
+    let blocks = geo.n_rows * tiles * geo.hkv * nchunks;
+    let max_splits = ((geo.max_keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
+    let nsplit = ((BLOCKS_PER_SM * k.sm_count + blocks - 1) / blocks.max(1)).clamp(1, max_splits);
+    let per_split = (geo.max_keys + nsplit - 1) / nsplit;
+    let split_len = ((per_split + kt - 1) / kt * kt).max(kt);
+    let nsplit = ((geo.max_keys + split_len - 1) / split_len).max(1);
+    p.n_rows = geo.n_rows as i32;
+    p.hkv = geo.hkv as i32;
+    p.group = geo.group as i32;
+    p.hq = (geo.hkv * geo.group) as i32;
+    p.heads_per_chunk = heads_per_chunk as i32;
+    p.nchunks = nchunks as i32;
+    p.tokens_per_tile = tokens_per_tile as i32;
+    p.nsplit = nsplit as i32;
+    p.split_len = split_len as i32;
+    p.total_tokens = geo.total_tokens as i32;
+    let dev = Device::Cuda(device);
+    let (part_o, part_lse) = if nsplit > 1 {
+        let o = Tensor::f_empty(
+            [nsplit * geo.total_tokens * geo.hkv * geo.group * hd],
+            (Kind::Float, dev),
+        )?;
+        let l =
+            Tensor::f_empty([nsplit * geo.total_tokens * geo.hkv * geo.group], (Kind::Float, dev))?;
+        p.part_o = o.data_ptr() as u64;
+        p.part_lse = l.data_ptr() as u64;
+        (Some(o), Some(l))
+    } else {
+        (None, None)
+    };
+    // Two stages of keys and values, the queries, the new key; the warp merge reuses the stages.
+    let smem = (4 * kt * (hd + vec) * elt + MAX_PAIRS * hd * 4 + hd * 4) as u32;
+    let kind_name = if paged { "paged" } else { "static" };
+    let attend = k.function(&format!("attn_{kind_name}_{name}_{hd}"), smem)?;
+    let z = geo.hkv * nchunks * nsplit;
+    if geo.n_rows > 65535 || z > 65535 || tiles > i32::MAX as i64 {
+        return Err(Error::Unsupported(format!(
+            "launch of {} rows x {z} (group, chunk, split) blocks",
+            geo.n_rows
+        )));
+    }
+    let stream = k.torch_stream(device)?;
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, geo.n_rows as u32, z as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let mut b = stream.launch_builder(&attend);
+    b.arg(&p);
+    #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
+    // SAFETY: the callers checked every pointer's tensor (dtype, device, contiguity, shape) and
+    // keep the tensors alive until the work is queued on libtorch's stream, whose allocator
+    // orders reuse after it.
+    unsafe { b.launch(cfg) }.map_err(|e| Error::Driver(format!("{e:?}")))?;
+    if nsplit > 1 {
+        let combine = k.function(&format!("attn_combine_{name}_{hd}"), 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (geo.total_tokens as u32, (geo.hkv * geo.group) as u32, 1),
+            block_dim: (hd.min(128) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&combine);
+        b.arg(&p);
+        #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
+        // SAFETY: as above; part_o/part_lse live until the end of this function, after the launch
+        // was queued on the same stream.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::Driver(format!("{e:?}")))?;
+    }
+    drop((part_o, part_lse));
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Finding NVRTC and the CUDA headers, compiling the kernels, loading them per device, and
+//! launching on libtorch's current stream.
+//!
+//! The kernels (`kernels/attention.cu`) are compiled with NVRTC the first time a device needs
+//! them, for that device's architecture, and cached for the process. NVRTC
+//! (`libnvrtc.so.13`, `libnvrtc-builtins.so.13.0`) and the headers (`cuda_bf16.h`) come from the
+//! PyTorch wheel's `nvidia/cu13` folder next to the libtorch in use: the one this crate was
+//! built against, one found through `LD_LIBRARY_PATH`, or `ATTENTION_CUDA_DIR` (a folder with
+//! `lib/` and `include/`). Work is launched on libtorch's current CUDA stream, so it is ordered
+//! with tch's own ops without synchronisation.
+
+use std::collections::HashMap;
+use std::panic::catch_unwind;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::Error;
+
+/// The kernel source.
+pub const SOURCE: &str = include_str!("../kernels/attention.cu");
+
+/// A folder holding `lib/libnvrtc.so.13` and `include/cuda_bf16.h`.
+#[derive(Debug, Clone)]
+pub struct CudaToolkitDir(pub PathBuf);
+
+fn candidates() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("ATTENTION_CUDA_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    // nvidia/cu13 sits two levels above torch/lib in the wheel layout.
+    let from_torch_lib = |lib: &Path| lib.join("../../nvidia/cu13");
+    let built = env!("ATTENTION_CUDA_BUILD_TORCH_LIB");
+    if !built.is_empty() {
+        dirs.push(from_torch_lib(Path::new(built)));
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        for p in std::env::split_paths(&paths) {
+            dirs.push(from_torch_lib(&p));
+            dirs.push(p.join(".."));
+        }
+    }
+    dirs
+}
+
+/// The first candidate folder with NVRTC and the headers.
+pub fn toolkit_dir() -> Result<CudaToolkitDir, Error> {
+    let all = candidates();
+    all.iter()
+        .find(|d| d.join("lib/libnvrtc.so.13").exists() && d.join("include/cuda_bf16.h").exists())
+        .map(|d| CudaToolkitDir(d.canonicalize().unwrap_or_else(|_| d.clone())))
+        .ok_or_else(|| Error::Toolkit(format!(
+            "no folder with lib/libnvrtc.so.13 and include/cuda_bf16.h among {all:?} (set ATTENTION_CUDA_DIR)"
+        )))
+}
+
+static NVRTC_LOADED: OnceLock<Result<CudaToolkitDir, String>> = OnceLock::new();
+
+/// Loads NVRTC and its builtins by full path (NVRTC finds its builtins only through the loader
+/// path, so they are loaded first and found by soname), once per process.
+fn load_nvrtc() -> Result<CudaToolkitDir, Error> {
+    NVRTC_LOADED
+        .get_or_init(|| {
+            let dir = toolkit_dir().map_err(|e| e.to_string())?;
+            for name in ["libnvrtc-builtins.so.13.0", "libnvrtc.so.13"] {
+                let path = dir.0.join("lib").join(name);
+                #[expect(unsafe_code, reason = "loading NVRTC, a well-behaved C library, by path")]
+                // SAFETY: the library's initialisers are NVRTC's own; it stays loaded (leaked)
+                // for the life of the process, as cudarc expects.
+                let lib = unsafe { libloading::Library::new(&path) }
+                    .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+                std::mem::forget(lib);
+            }
+            Ok(dir)
+        })
+        .clone()
+        .map_err(Error::Toolkit)
+}
+
+/// One instantiation of the kernels: element type and head dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Variant {
+    /// `bf16`, `f16` or `f32`.
+    pub dtype: &'static str,
+    /// 32, 64, 128 or 256.
+    pub head_dim: i64,
+}
+
+impl Variant {
+    fn defines(self) -> Vec<String> {
+        let ctype = match self.dtype {
+            "bf16" => "__nv_bfloat16",
+            "f16" => "__half",
+            _ => "float",
+        };
+        vec![
+            format!("-DATTN_TNAME={}", self.dtype),
+            format!("-DATTN_T={ctype}"),
+            format!("-DATTN_HD={}", self.head_dim),
+        ]
+    }
+}
+
+/// Compiles the kernels to PTX for `arch` (e.g. `sm_90`): one variant, or all of them. Needs
+/// NVRTC, not a GPU.
+pub fn compile_ptx(arch: &'static str, variant: Option<Variant>) -> Result<Ptx, Error> {
+    let dir = load_nvrtc()?;
+    let mut options = vec!["-std=c++17".to_string(), "--extra-device-vectorization".into()];
+    match variant {
+        Some(v) => options.extend(v.defines()),
+        None => options.push("-DATTN_ALL".into()),
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        include_paths: vec![dir.0.join("include").display().to_string()],
+        options,
+        name: Some("attention.cu".into()),
+        ..Default::default()
+    };
+    catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts))
+        .map_err(|_| Error::Toolkit("NVRTC could not be loaded".into()))?
+        .map_err(|e| Error::Compile(format!("{e:?}")))
+}
+
+/// One compiled variant on one device.
+#[derive(Debug)]
+pub struct Kernels {
+    /// The device's primary context (libtorch's).
+    pub ctx: Arc<CudaContext>,
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Multiprocessors.
+    pub sm_count: i64,
+}
+
+type KernelCache = Mutex<HashMap<(usize, Variant), Arc<Kernels>>>;
+static KERNELS: OnceLock<KernelCache> = OnceLock::new();
+
+fn arch_name(major: i32, minor: i32) -> Result<&'static str, Error> {
+    Ok(match (major, minor) {
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 9) => "sm_89",
+        (9, 0) => "sm_90",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "compute capability {major}.{minor} (kernels are built for 8.0 and newer)"
+            )));
+        }
+    })
+}
+
+/// The kernels of `variant` on CUDA device `ordinal`, compiled and loaded on first use (a few
+/// seconds of NVRTC per variant and device, once per process).
+pub fn kernels(ordinal: usize, variant: Variant) -> Result<Arc<Kernels>, Error> {
+    let map = KERNELS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(k) = map.get(&(ordinal, variant)) {
+        return Ok(k.clone());
+    }
+    let ctx = catch_unwind(|| CudaContext::new(ordinal))
+        .map_err(|_| Error::Toolkit("the CUDA driver (libcuda.so.1) could not be loaded".into()))?
+        .map_err(|e| Error::Driver(format!("{e:?}")))?;
+    #[expect(
+        unsafe_code,
+        reason = "cudarc's event tracking is off: kernels get raw libtorch pointers"
+    )]
+    // SAFETY: no CudaSlice of this context is ever created, so there is nothing to track.
+    unsafe {
+        ctx.disable_event_tracking();
+    }
+    let (major, minor) = ctx.compute_capability().map_err(|e| Error::Driver(format!("{e:?}")))?;
+    let ptx = compile_ptx(arch_name(major, minor)?, Some(variant))?;
+    let module = ctx.load_module(ptx).map_err(|e| Error::Driver(format!("{e:?}")))?;
+    let sm_count = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(|e| Error::Driver(format!("{e:?}")))? as i64;
+    let k = Arc::new(Kernels { ctx, module, functions: Mutex::new(HashMap::new()), sm_count });
+    map.insert((ordinal, variant), k.clone());
+    Ok(k)
+}
+
+impl Kernels {
+    /// A kernel by name, with its dynamic shared-memory limit raised to `smem` bytes.
+    pub fn function(&self, name: &str, smem: u32) -> Result<CudaFunction, Error> {
+        let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(func) = f.get(name) {
+            return Ok(func.clone());
+        }
+        let func =
+            self.module.load_function(name).map_err(|e| Error::Driver(format!("{name}: {e:?}")))?;
+        if smem > 48 * 1024 {
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| Error::Driver(format!("{name}: {e:?}")))?;
+        }
+        f.insert(name.to_string(), func.clone());
+        Ok(func)
+    }
+
+    /// libtorch's current stream on `ordinal`, borrowed.
+    pub fn torch_stream(&self, ordinal: usize) -> Result<Arc<CudaStream>, Error> {
+        let raw = crate::shim::current_stream(ordinal)?;
+        #[expect(unsafe_code, reason = "wrapping libtorch's stream, which outlives the call")]
+        // SAFETY: the stream belongs to libtorch and lives as long as its device context;
+        // cudarc's borrowed wrapper never destroys it.
+        Ok(unsafe { self.ctx.wrap_borrowed_stream(raw as cudarc::driver::sys::CUstream) })
+    }
+}

@@ -1,0 +1,370 @@
+//! `sdpa-cuda`: libtorch's fused attention on CUDA with the backend chosen in the spec and
+//! reported, and packed THD sequences through libtorch's variable-length flash attention.
+//!
+//! ```toml
+//! [attention.submodules]
+//! core_attention = { module = "sdpa-cuda", params = { backend = "cudnn" } }
+//! ```
+//!
+//! Backends: `auto` (libtorch's own order; on H100/H200 with cuDNN 9.19 that is cuDNN), `cudnn`,
+//! `flash`, `efficient`, `math`. The choice is applied around each call (libtorch's switches are
+//! process-wide, as PyTorch's `sdpa_kernel` context manager), and [`SdpaCuda::last_backend`] reports
+//! what libtorch picked for the last call. Semantics are those of `attention-core`'s `sdpa`
+//! kind. Packed sequences in fp16/bf16 without a caller mask or bias run
+//! `aten::_flash_attention_forward`/`_backward` on the packed layout (no `[t, t]` mask); other
+//! packed calls use the block-diagonal mask of the `sdpa` kind.
+
+use std::sync::Mutex;
+#[cfg(feature = "cuda")]
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use attention_core::sdpa::SdpaAttention;
+use attention_spec::module::{CoreAttention, CoreAttentionInput};
+use attention_spec::registry::{Builder, CoreAttentionArgs, ModuleFactory, Params};
+use attention_spec::{ForwardError, SpecError};
+use serde::Deserialize;
+use tch::Tensor;
+
+/// An SDPA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// libtorch's default order.
+    #[default]
+    Auto,
+    /// cuDNN fused attention.
+    Cudnn,
+    /// FlashAttention-2 (vendored in libtorch).
+    Flash,
+    /// Memory-efficient attention (xformers' CUTLASS kernel).
+    Efficient,
+    /// The unfused math path.
+    Math,
+}
+
+impl Backend {
+    /// `[flash, mem_efficient, math, cudnn]` switches that select this backend.
+    pub fn switches(self) -> [bool; 4] {
+        match self {
+            Self::Auto => [true, true, true, true],
+            Self::Cudnn => [false, false, false, true],
+            Self::Flash => [true, false, false, false],
+            Self::Efficient => [false, true, false, false],
+            Self::Math => [false, false, true, false],
+        }
+    }
+
+    /// The name of `at::SDPBackend` value `code` (`_fused_sdp_choice`).
+    pub fn name_of(code: i64) -> &'static str {
+        match code {
+            0 => "math",
+            1 => "flash",
+            2 => "efficient",
+            3 => "cudnn",
+            4 => "overrideable",
+            _ => "none",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SdpaCudaParams {
+    #[serde(default)]
+    backend: Backend,
+}
+
+/// Serialises the process-wide backend switches.
+static SWITCHES: Mutex<()> = Mutex::new(());
+
+/// The `sdpa-cuda` core attention.
+#[derive(Debug)]
+pub struct SdpaCuda {
+    inner: SdpaAttention,
+    backend: Backend,
+    #[cfg(feature = "cuda")]
+    varlen: VarlenSettings,
+    /// `_fused_sdp_choice` of the last call (-1: none yet, or the varlen path).
+    #[cfg(feature = "cuda")]
+    last: AtomicI64,
+}
+
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone, Copy)]
+struct VarlenSettings {
+    scale: f64,
+    dropout: f64,
+    causal: bool,
+}
+
+impl SdpaCuda {
+    /// Builds the kind; fails without the `cuda` feature.
+    pub fn new(args: &CoreAttentionArgs<'_>) -> Result<Self, SpecError> {
+        let params: SdpaCudaParams = args.params.decode("sdpa-cuda")?;
+        if !cfg!(feature = "cuda") {
+            return Err(SpecError::Unsupported {
+                place: args.params.place.clone(),
+                what: "sdpa-cuda needs attention-cuda built with the `cuda` feature".into(),
+            });
+        }
+        let empty = Params { table: toml::Table::new(), place: args.params.place.clone() };
+        let inner_args = CoreAttentionArgs {
+            path: args.path,
+            config: args.config,
+            params: &empty,
+            layer_number: args.layer_number,
+            attn_mask_type: args.attn_mask_type,
+            attention_type: args.attention_type,
+        };
+        Ok(Self {
+            inner: SdpaAttention::new(&inner_args)?,
+            backend: params.backend,
+            #[cfg(feature = "cuda")]
+            varlen: VarlenSettings {
+                scale: args
+                    .config
+                    .softmax_scale
+                    .unwrap_or(1.0 / (args.config.kv_channels as f64).sqrt()),
+                dropout: args.config.attention_dropout,
+                causal: matches!(
+                    args.attn_mask_type,
+                    attention_spec::AttnMaskType::Causal
+                        | attention_spec::AttnMaskType::PaddingCausal
+                ),
+            },
+            #[cfg(feature = "cuda")]
+            last: AtomicI64::new(-1),
+        })
+    }
+
+    /// The configured backend.
+    pub fn configured_backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// What libtorch picked for the last call (`"varlen-flash"` for packed sequences).
+    pub fn last_backend(&self) -> Option<&'static str> {
+        #[cfg(feature = "cuda")]
+        {
+            match self.last.load(Ordering::Relaxed) {
+                -1 => None,
+                -2 => Some("varlen-flash"),
+                c => Some(Backend::name_of(c)),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            None
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod varlen {
+    //! Packed sequences through `aten::_flash_attention_forward`/`_backward`.
+    use attention_core::autograd::{Function, apply};
+    use attention_spec::ForwardError;
+    use tch::{Kind, Tensor};
+
+    use super::VarlenSettings;
+    use crate::shim::{flash_varlen_backward, flash_varlen_forward};
+
+    pub(super) struct Varlen {
+        pub(super) cu_q: Tensor,
+        pub(super) cu_k: Tensor,
+        pub(super) max_q: i64,
+        pub(super) max_k: i64,
+        pub(super) settings: VarlenSettings,
+        pub(super) dropout: f64,
+        pub(super) saved: Option<(Tensor, Tensor, Tensor, Tensor, [Tensor; 4])>,
+    }
+
+    impl Function for Varlen {
+        fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ForwardError> {
+            let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
+            let r = flash_varlen_forward(
+                q,
+                k,
+                v,
+                &self.cu_q,
+                &self.cu_k,
+                self.max_q,
+                self.max_k,
+                self.dropout,
+                self.settings.causal,
+                self.settings.scale,
+            )?;
+            let out = r[0].shallow_clone();
+            self.saved = Some((q.detach(), k.detach(), v.detach(), out.detach(), r));
+            Ok(vec![out])
+        }
+
+        fn backward(&mut self, grads: &[Tensor]) -> Result<Vec<Option<Tensor>>, ForwardError> {
+            let (q, k, v, out, saved) = self.saved.as_ref().ok_or(ForwardError::Invalid {
+                name: "varlen",
+                reason: "backward before forward".into(),
+            })?;
+            let g = grads[0].f_contiguous()?;
+            let [dq, dk, dv] = flash_varlen_backward(
+                &g,
+                (q, k, v),
+                out,
+                saved,
+                &self.cu_q,
+                &self.cu_k,
+                self.max_q,
+                self.max_k,
+                self.dropout,
+                self.settings.causal,
+                self.settings.scale,
+            )?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
+        }
+    }
+
+    /// `[t, 1, np, hn]` etc. → output `[t, 1, np * hn]`.
+    pub(super) fn run(
+        f: Varlen,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor, ForwardError> {
+        let squeeze = |t: &Tensor| -> Result<Tensor, ForwardError> {
+            Ok(t.f_squeeze_dim(1)?.f_contiguous()?)
+        };
+        let (qs, ks, vs) = (squeeze(q)?, squeeze(k)?, squeeze(v)?);
+        let (t, np, hn) = (qs.size()[0], qs.size()[1], qs.size()[2]);
+        let out = apply(Box::new(f), &[&qs, &ks, &vs], 1)?.remove(0);
+        let _ = Kind::Float;
+        Ok(out.f_reshape([t, 1, np * hn])?)
+    }
+}
+
+impl CoreAttention for SdpaCuda {
+    fn kind(&self) -> &'static str {
+        "sdpa-cuda"
+    }
+
+    fn forward(&self, input: &CoreAttentionInput<'_>) -> Result<Tensor, ForwardError> {
+        #[cfg(feature = "cuda")]
+        if let Some(packed) = input.packed_seq_params {
+            let half = matches!(input.query.kind(), tch::Kind::Half | tch::Kind::BFloat16);
+            if half
+                && input.attention_mask.is_none()
+                && input.attention_bias.is_none()
+                && input.query.device().is_cuda()
+            {
+                attention_core::check::check_core_input(input)?;
+                let f = varlen::Varlen {
+                    cu_q: packed.cu_seqlens_q.f_to_kind(tch::Kind::Int)?,
+                    cu_k: packed.cu_seqlens_kv.f_to_kind(tch::Kind::Int)?,
+                    max_q: packed.max_seqlen_q,
+                    max_k: packed.max_seqlen_kv,
+                    settings: self.varlen,
+                    dropout: if input.training { self.varlen.dropout } else { 0.0 },
+                    saved: None,
+                };
+                self.last.store(-2, Ordering::Relaxed);
+                return varlen::run(f, input.query, input.key, input.value);
+            }
+        }
+        // libtorch's memory-efficient kernel has no GQA (`enable_gqa` makes it refuse the call),
+        // so for that backend key/value heads are repeated up to the query heads first.
+        let (np, ng) = (input.query.size()[2], input.key.size()[2]);
+        let expanded = if self.backend == Backend::Efficient && np != ng && ng > 0 && np % ng == 0
+        {
+            let repeat = |t: &Tensor| t.f_repeat_interleave_self_int(np / ng, 2, None);
+            Some((repeat(input.key)?, repeat(input.value)?))
+        } else {
+            None
+        };
+        let input = match &expanded {
+            Some((key, value)) => CoreAttentionInput { key, value, ..*input },
+            None => *input,
+        };
+        let _guard = SWITCHES.lock().unwrap_or_else(|p| p.into_inner());
+        #[cfg(feature = "cuda")]
+        let previous = {
+            let prev = crate::shim::sdp_backends();
+            crate::shim::set_sdp_backends(self.backend.switches());
+            // What libtorch will pick for this call's (permuted) inputs, for the report.
+            let (q, k, v) = (
+                input.query.permute([1, 2, 0, 3]),
+                input.key.permute([1, 2, 0, 3]),
+                input.value.permute([1, 2, 0, 3]),
+            );
+            let causal = input.attention_mask.is_none()
+                && input.attention_bias.is_none()
+                && input.packed_seq_params.is_none();
+            let choice = Tensor::f_internal_fused_sdp_choice(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                causal && q.size()[2] > 1,
+                None,
+                q.size()[1] != k.size()[1],
+            );
+            self.last.store(choice.unwrap_or(-1), Ordering::Relaxed);
+            prev
+        };
+        let out = self.inner.forward(&input);
+        #[cfg(feature = "cuda")]
+        crate::shim::set_sdp_backends(previous);
+        out
+    }
+
+    fn max_attention_logits(&self) -> Option<Tensor> {
+        self.inner.max_attention_logits()
+    }
+
+    fn reset_max_attention_logits(&self) {
+        self.inner.reset_max_attention_logits();
+    }
+
+    fn backend(&self) -> Option<String> {
+        self.last_backend().map(str::to_string)
+    }
+}
+
+fn build_sdpa_cuda(args: &CoreAttentionArgs<'_>) -> Result<Box<dyn CoreAttention>, SpecError> {
+    Ok(Box::new(SdpaCuda::new(args)?))
+}
+
+fn build_paged_cuda(args: &CoreAttentionArgs<'_>) -> Result<Box<dyn CoreAttention>, SpecError> {
+    let _: attention_spec::registry::NoParams = args.params.decode("paged-attention-cuda")?;
+    #[cfg(feature = "cuda")]
+    {
+        let scale =
+            args.config.softmax_scale.unwrap_or(1.0 / (args.config.kv_channels as f64).sqrt());
+        Ok(Box::new(crate::decode::CudaPagedAttention::new(scale)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(SpecError::Unsupported {
+            place: args.params.place.clone(),
+            what: "paged-attention-cuda needs attention-cuda built with the `cuda` feature".into(),
+        })
+    }
+}
+
+inventory::submit! {
+    ModuleFactory {
+        kind: "sdpa-cuda",
+        aliases: &[],
+        summary: "libtorch SDPA on CUDA with the backend from the spec; packed sequences via varlen flash",
+        registered_in: module_path!(),
+        builder: Builder::CoreAttention(build_sdpa_cuda),
+    }
+}
+
+inventory::submit! {
+    ModuleFactory {
+        kind: "paged-attention-cuda",
+        aliases: &[],
+        summary: "CUDA flash_decode_and_prefill: varlen decode + prefill over a paged KV block table",
+        registered_in: module_path!(),
+        builder: Builder::CoreAttention(build_paged_cuda),
+    }
+}

@@ -1,0 +1,196 @@
+//! FFI to `shim/cuda_shim.cpp` (libtorch's stream, SDPA switches, varlen flash attention).
+
+use std::ffi::{c_char, c_int, c_void};
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+use crate::Error;
+
+unsafe extern "C" {
+    fn attn_cuda_current_stream(device: i64, err: *mut c_char, errlen: i64) -> *mut c_void;
+    fn attn_sdp_set(flash: c_int, mem_efficient: c_int, math: c_int, cudnn: c_int);
+    fn attn_sdp_get(
+        flash: *mut c_int,
+        mem_efficient: *mut c_int,
+        math: *mut c_int,
+        cudnn: *mut c_int,
+    );
+    fn attn_flash_varlen_fwd(
+        q: *mut C_tensor,
+        k: *mut C_tensor,
+        v: *mut C_tensor,
+        cu_q: *mut C_tensor,
+        cu_k: *mut C_tensor,
+        max_q: i64,
+        max_k: i64,
+        dropout: f64,
+        causal: c_int,
+        scale: f64,
+        outs: *mut *mut C_tensor,
+        err: *mut c_char,
+        errlen: i64,
+    ) -> c_int;
+    fn attn_flash_varlen_bwd(
+        grad_out: *mut C_tensor,
+        q: *mut C_tensor,
+        k: *mut C_tensor,
+        v: *mut C_tensor,
+        out: *mut C_tensor,
+        lse: *mut C_tensor,
+        cu_q: *mut C_tensor,
+        cu_k: *mut C_tensor,
+        max_q: i64,
+        max_k: i64,
+        dropout: f64,
+        causal: c_int,
+        rng_state: *mut C_tensor,
+        unused: *mut C_tensor,
+        scale: f64,
+        grads: *mut *mut C_tensor,
+        err: *mut c_char,
+        errlen: i64,
+    ) -> c_int;
+}
+
+const ERR_LEN: usize = 2048;
+
+fn message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// libtorch's current CUDA stream on `device`.
+pub(crate) fn current_stream(device: usize) -> Result<*mut c_void, Error> {
+    let mut err = [0u8; ERR_LEN];
+    // SAFETY: the shim only reads libtorch's stream registry and writes at most ERR_LEN bytes.
+    let p =
+        unsafe { attn_cuda_current_stream(device as i64, err.as_mut_ptr().cast(), ERR_LEN as i64) };
+    if p as isize == -1 { Err(Error::Driver(message(&err))) } else { Ok(p) }
+}
+
+/// Which SDPA backends libtorch may choose: `[flash, mem_efficient, math, cudnn]`.
+pub fn sdp_backends() -> [bool; 4] {
+    let (mut f, mut m, mut a, mut c) = (0, 0, 0, 0);
+    // SAFETY: plain reads of libtorch's global context into valid out pointers.
+    unsafe { attn_sdp_get(&mut f, &mut m, &mut a, &mut c) };
+    [f != 0, m != 0, a != 0, c != 0]
+}
+
+/// Sets the SDPA backends libtorch may choose (process-wide).
+pub fn set_sdp_backends([flash, mem_efficient, math, cudnn]: [bool; 4]) {
+    // SAFETY: plain writes of libtorch's global flags.
+    unsafe {
+        attn_sdp_set(
+            c_int::from(flash),
+            c_int::from(mem_efficient),
+            c_int::from(math),
+            c_int::from(cudnn),
+        )
+    };
+}
+
+fn adopt(p: *mut C_tensor) -> Tensor {
+    // SAFETY: the shim returned a new at::Tensor* that we now own.
+    unsafe { Tensor::from_ptr(p) }
+}
+
+/// `(out, logsumexp, rng_state, unused)` of `aten::_flash_attention_forward` on packed
+/// sequences.
+#[expect(clippy::too_many_arguments, reason = "mirrors the ATen schema")]
+pub(crate) fn flash_varlen_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_q: &Tensor,
+    cu_k: &Tensor,
+    max_q: i64,
+    max_k: i64,
+    dropout: f64,
+    causal: bool,
+    scale: f64,
+) -> Result<[Tensor; 4], Error> {
+    let (mut q, mut k, mut v, mut cq, mut ck) = (
+        q.shallow_clone(),
+        k.shallow_clone(),
+        v.shallow_clone(),
+        cu_q.shallow_clone(),
+        cu_k.shallow_clone(),
+    );
+    let mut outs = [std::ptr::null_mut(); 4];
+    let mut err = [0u8; ERR_LEN];
+    // SAFETY: every tensor pointer is live for the call; `outs` has room for 4 results.
+    let rc = unsafe {
+        attn_flash_varlen_fwd(
+            q.as_mut_ptr(),
+            k.as_mut_ptr(),
+            v.as_mut_ptr(),
+            cq.as_mut_ptr(),
+            ck.as_mut_ptr(),
+            max_q,
+            max_k,
+            dropout,
+            c_int::from(causal),
+            scale,
+            outs.as_mut_ptr(),
+            err.as_mut_ptr().cast(),
+            ERR_LEN as i64,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Torch(message(&err)));
+    }
+    Ok(outs.map(adopt))
+}
+
+/// `(dq, dk, dv)` of `aten::_flash_attention_backward` for [`flash_varlen_forward`].
+#[expect(clippy::too_many_arguments, reason = "mirrors the ATen schema")]
+pub(crate) fn flash_varlen_backward(
+    grad_out: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    out: &Tensor,
+    saved: &[Tensor; 4],
+    cu_q: &Tensor,
+    cu_k: &Tensor,
+    max_q: i64,
+    max_k: i64,
+    dropout: f64,
+    causal: bool,
+    scale: f64,
+) -> Result<[Tensor; 3], Error> {
+    let mut t: Vec<Tensor> = [grad_out, q, k, v, out, &saved[1], cu_q, cu_k, &saved[2], &saved[3]]
+        .iter()
+        .map(|t| t.shallow_clone())
+        .collect();
+    let mut grads = [std::ptr::null_mut(); 3];
+    let mut err = [0u8; ERR_LEN];
+    let p: Vec<*mut C_tensor> = t.iter_mut().map(Tensor::as_mut_ptr).collect();
+    // SAFETY: every tensor pointer is live for the call (kept by `t`); `grads` has room for 3.
+    let rc = unsafe {
+        attn_flash_varlen_bwd(
+            p[0],
+            p[1],
+            p[2],
+            p[3],
+            p[4],
+            p[5],
+            p[6],
+            p[7],
+            max_q,
+            max_k,
+            dropout,
+            c_int::from(causal),
+            p[8],
+            p[9],
+            scale,
+            grads.as_mut_ptr(),
+            err.as_mut_ptr().cast(),
+            ERR_LEN as i64,
+        )
+    };
+    drop(t);
+    if rc != 0 {
+        return Err(Error::Torch(message(&err)));
+    }
+    Ok(grads.map(adopt))
+}

@@ -1,0 +1,28 @@
+//! Every kernel variant compiles with NVRTC for sm_90, on a machine without a GPU: this
+//! catches kernel compile errors in CI. Needs the `cuda` feature and the NVRTC of the
+//! project's PyTorch wheel.
+#![cfg(feature = "cuda")]
+
+use anyhow::{Result, bail};
+
+#[test]
+fn every_kernel_compiles_to_ptx() -> Result<()> {
+    for arch in ["sm_90"] {
+        let ptx = attention_cuda::runtime::compile_ptx(arch, None)?.to_src();
+        for kind in ["static", "paged", "combine"] {
+            for dtype in ["bf16", "f16", "f32"] {
+                for hd in [32, 64, 128, 256] {
+                    let name = format!("attn_{kind}_{dtype}_{hd}");
+                    if !ptx.contains(&format!(".entry {name}(")) {
+                        bail!("{arch}: no entry {name} in the PTX");
+                    }
+                }
+            }
+        }
+        // No local-memory spills of the register arrays in the attention kernels.
+        if ptx.contains(".local") {
+            bail!("{arch}: the PTX uses local memory");
+        }
+    }
+    Ok(())
+}

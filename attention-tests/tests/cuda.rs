@@ -1,0 +1,291 @@
+//! The CUDA paths against the CPU-reference semantics, on the GPU (feature `cuda`):
+//!
+//! * `flash_decode` (static cache): every decode step equals the ordinary static path and the
+//!   full forward (fp32 1e-5; bf16 against the same computation upcast), for MHA/GQA/MQA, Q/K
+//!   norms, rotary rotate-half/interleaved/partial, a batch offset, long contexts with split-KV;
+//! * the kernels refuse unsupported input with typed errors;
+//! * `sdpa-cuda`: the backend from the spec is the one libtorch runs, outputs equal `sdpa`, and
+//!   packed sequences through varlen flash equal per-sequence runs, gradients included.
+//!
+//! (`paged-attention-cuda` runs the random dynamic schedules of `tests/inference.rs`.)
+#![cfg(feature = "cuda")]
+
+use anyhow::{Context, Result, bail};
+use attention_core::inference::InferenceContext;
+use attention_core::{Attention, AttentionInput, BuiltLayers, RotaryEmbedding, SelfAttention};
+use attention_cuda::decode::CudaFlashDecode;
+use attention_inference::StaticInferenceContext;
+use attention_spec::module::PackedSeqParams;
+use attention_spec::{ForwardError, Model};
+use attention_tests::assert_close;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+const GPU: Device = Device::Cuda(0);
+
+struct Stack {
+    model: Model,
+    vs: VarStore,
+    layers: BuiltLayers,
+}
+
+impl Stack {
+    fn new(toml: &str, kind: Kind) -> Result<Self> {
+        attention_cuda::link();
+        let model = Model::from_toml_str(toml, attention_core::registry()?)?;
+        tch::manual_seed(1);
+        let mut vs = VarStore::new(GPU);
+        let layers = BuiltLayers::build(&vs.root(), &model)?;
+        tch::no_grad(|| {
+            for (name, mut t) in vs.variables() {
+                let fan_in = *t.size().last().unwrap_or(&1) as f64;
+                let _ = if t.dim() == 2 {
+                    t.normal_(0.0, 1.2 / fan_in.sqrt())
+                } else if name.ends_with("weight") {
+                    t.normal_(1.0, 0.1)
+                } else {
+                    t.normal_(0.0, 0.1)
+                };
+            }
+        });
+        vs.set_kind(kind);
+        Ok(Self { model, vs, layers })
+    }
+
+    fn layer(&self, i: usize) -> Result<&SelfAttention> {
+        match &self.layers.layers[i].2 {
+            Attention::SelfAttention(a) => Ok(a),
+            Attention::CrossAttention(_) => bail!("self attention expected"),
+        }
+    }
+
+    fn rope(&self, len: i64) -> Option<Tensor> {
+        let c = &self.model.config;
+        (c.position_embedding_type == attention_spec::config::PositionEmbeddingType::Rope)
+            .then(|| RotaryEmbedding::from_config(c).forward(len, 0, GPU))
+    }
+
+    fn step(
+        &self,
+        x: &Tensor,
+        ctx: &mut dyn InferenceContext,
+        rope: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut h = x.shallow_clone();
+        for i in 0..self.layers.layers.len() {
+            let mut input = AttentionInput::new(&h);
+            if let Some(r) = rope {
+                input = input.with_rotary(r);
+            }
+            let out = self.layer(i)?.forward_with_context(&input, ctx)?;
+            h = out.output;
+        }
+        Ok(h)
+    }
+}
+
+/// Same parameter values, by name (initialisation order follows a hash map's order).
+fn copy_weights(from: &Stack, to: &Stack) -> Result<()> {
+    let src = from.vs.variables();
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut t) in to.vs.variables() {
+            t.copy_(src.get(&name).with_context(|| format!("no {name}"))?);
+        }
+        Ok(())
+    })
+}
+
+fn config(heads: i64, groups: i64, hn: i64, extra: &str) -> String {
+    format!(
+        "[transformer]\nnum_layers = 2\nhidden_size = {}\nnum_attention_heads = {heads}\nnum_query_groups = {groups}\n\
+         kv_channels = {hn}\nattention_dropout = 0.0\nadd_bias_linear = false\n{extra}\n[attention]\npreset = \"gpt-local\"\n",
+        heads * hn
+    )
+}
+
+/// Prefill with the ordinary path, then decode steps with and without the fused kernel.
+fn flash_decode_case(
+    label: &str,
+    toml: &str,
+    kind: Kind,
+    (b, b0, p, d): (i64, i64, i64, i64),
+    tol: f64,
+) -> Result<()> {
+    tch::manual_seed(5);
+    let stack = Stack::new(toml, kind)?;
+    let h = stack.model.config.hidden_size;
+    let max = p + d;
+    let x = (Tensor::randn([max, b, h], (Kind::Float, GPU)) * 0.5).to_kind(kind);
+    let rope = stack.rope(max);
+    let mut plain = StaticInferenceContext::new(b0 + b, max)?;
+    let mut fused = StaticInferenceContext::new(b0 + b, max)?;
+    fused.set_flash_decode(Box::new(CudaFlashDecode));
+    for ctx in [&mut plain, &mut fused] {
+        ctx.batch_size_offset = b0;
+        let _ = tch::no_grad(|| stack.step(&x.narrow(0, 0, p), ctx, rope.as_ref()))?;
+        ctx.advance(p)?;
+    }
+    for i in 0..d {
+        let xi = x.narrow(0, p + i, 1);
+        let a = tch::no_grad(|| stack.step(&xi, &mut plain, rope.as_ref()))?;
+        let f = tch::no_grad(|| stack.step(&xi, &mut fused, rope.as_ref()))?;
+        plain.advance(1)?;
+        fused.advance(1)?;
+        assert_close(&f, &a, tol, tol, &format!("{label}: decode step {i}"))?;
+    }
+    // Both caches hold the same rotated keys.
+    let (ka, _) = plain.key_value_memory(1).context("plain cache")?;
+    let (kf, _) = fused.key_value_memory(1).context("fused cache")?;
+    assert_close(
+        &kf.narrow(0, 0, max).narrow(1, b0, b),
+        &ka.narrow(0, 0, max).narrow(1, b0, b),
+        tol,
+        tol,
+        &format!("{label}: caches"),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn flash_decode_equals_the_static_path() -> Result<()> {
+    let cases = [
+        ("mha", config(8, 8, 64, "")),
+        ("gqa", config(8, 2, 128, "")),
+        ("mqa_qknorm", config(8, 1, 64, "qk_layernorm = true\nnormalization = \"RMSNorm\"")),
+        ("rope", config(8, 2, 128, "position_embedding_type = \"rope\"")),
+        (
+            "rope_interleaved_partial",
+            config(
+                4,
+                2,
+                64,
+                "position_embedding_type = \"rope\"\nrotary_interleaved = true\nrotary_percent = 0.5",
+            ),
+        ),
+        ("hd32_gqa16", config(16, 1, 32, "position_embedding_type = \"rope\"")),
+        ("hd256", config(4, 2, 256, "position_embedding_type = \"rope\"")),
+    ];
+    for (name, toml) in &cases {
+        flash_decode_case(&format!("{name} f32"), toml, Kind::Float, (3, 1, 37, 6), 1e-5)?;
+        flash_decode_case(&format!("{name} bf16"), toml, Kind::BFloat16, (3, 1, 37, 6), 3e-2)?;
+    }
+    // A long context: several splits and their combine.
+    flash_decode_case(
+        "long context",
+        &config(8, 2, 128, "position_embedding_type = \"rope\""),
+        Kind::Float,
+        (2, 0, 4100, 3),
+        1e-5,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn kernels_refuse_unsupported_input() -> Result<()> {
+    let stack = Stack::new(&config(4, 2, 48, ""), Kind::Float)?;
+    let mut ctx = StaticInferenceContext::new(1, 8)?;
+    ctx.set_flash_decode(Box::new(CudaFlashDecode));
+    let x = Tensor::randn([2, 1, 4 * 48], (Kind::Float, GPU));
+    let _ = tch::no_grad(|| stack.step(&x, &mut ctx, None))?;
+    ctx.advance(2)?;
+    let err = tch::no_grad(|| stack.step(&x.narrow(0, 0, 1), &mut ctx, None))
+        .err()
+        .context("head dim 48 must be refused")?;
+    match err.downcast::<ForwardError>() {
+        Ok(ForwardError::Unsupported { what, .. }) if what.contains("head dimension 48") => {}
+        other => bail!("unexpected {other:?}"),
+    }
+    let stack = Stack::new(&config(4, 2, 64, ""), Kind::Double)?;
+    let mut ctx = StaticInferenceContext::new(1, 8)?;
+    ctx.set_flash_decode(Box::new(CudaFlashDecode));
+    let x = Tensor::randn([2, 1, 256], (Kind::Double, GPU));
+    let _ = tch::no_grad(|| stack.step(&x, &mut ctx, None))?;
+    ctx.advance(2)?;
+    let err = tch::no_grad(|| stack.step(&x.narrow(0, 0, 1), &mut ctx, None))
+        .err()
+        .context("f64 must be refused")?;
+    if !err.to_string().contains("dtype") {
+        bail!("unexpected {err}");
+    }
+    Ok(())
+}
+
+fn sdpa_cuda(backend: &str, extra: &str) -> String {
+    format!(
+        "[transformer]\nhidden_size = 256\nnum_attention_heads = 8\nnum_query_groups = 2\nkv_channels = 64\n\
+         attention_dropout = 0.0\nparams_dtype = \"bfloat16\"\nbf16 = true\n{extra}\n[attention]\npreset = \"gpt-local\"\n\
+         submodules = {{ core_attention = {{ module = \"sdpa-cuda\", params = {{ backend = \"{backend}\" }} }} }}\n"
+    )
+}
+
+#[test]
+fn sdpa_cuda_backends_and_varlen() -> Result<()> {
+    let reference = Stack::new(
+        &sdpa_cuda("auto", "")
+            .replace("{ module = \"sdpa-cuda\", params = { backend = \"auto\" } }", "\"sdpa\""),
+        Kind::BFloat16,
+    )?;
+    let x = (Tensor::randn([128, 2, 256], (Kind::Float, GPU)) * 0.5).to_kind(Kind::BFloat16);
+    let want = tch::no_grad(|| {
+        reference
+            .layer(0)?
+            .forward(&AttentionInput::new(&x))
+            .map(|o| o.output)
+            .map_err(anyhow::Error::from)
+    })?;
+    for (backend, reported) in [
+        ("flash", "flash"),
+        ("cudnn", "cudnn"),
+        ("efficient", "efficient"),
+        ("math", "math"),
+        ("auto", ""),
+    ] {
+        let s = Stack::new(&sdpa_cuda(backend, ""), Kind::BFloat16)?;
+        copy_weights(&reference, &s)?;
+        let a = s.layer(0)?;
+        let out = tch::no_grad(|| a.forward(&AttentionInput::new(&x)))?;
+        let ran = a.core_attention().backend();
+        if backend != "auto" && ran.as_deref() != Some(reported) {
+            bail!("{backend}: libtorch ran {ran:?}");
+        }
+        println!("sdpa-cuda backend {backend}: ran {ran:?}");
+        assert_close(&out.output, &want, 2e-2, 2e-2, &format!("sdpa-cuda {backend}"))?;
+    }
+    // Packed sequences through varlen flash: each sequence as if alone, gradients too.
+    let s = Stack::new(&sdpa_cuda("auto", "position_embedding_type = \"rope\""), Kind::BFloat16)?;
+    let a = s.layer(0)?;
+    let lens = [5i64, 64, 1, 33];
+    let packed = PackedSeqParams::from_lengths(&lens, GPU);
+    let total: i64 = lens.iter().sum();
+    let xp = (Tensor::randn([total, 1, 256], (Kind::Float, GPU)) * 0.5)
+        .to_kind(Kind::BFloat16)
+        .set_requires_grad(true);
+    let rope = s.rope(64).context("rope")?;
+    let out = a.forward(&AttentionInput::new(&xp).with_packed(&packed).with_rotary(&rope))?;
+    out.output.to_kind(Kind::Float).sum(Kind::Float).backward();
+    if a.core_attention().backend().as_deref() != Some("varlen-flash") {
+        bail!("packed bf16 did not take the varlen path");
+    }
+    let mut start = 0;
+    for l in lens {
+        let xs = xp.narrow(0, start, l).detach().set_requires_grad(true);
+        let o = a.forward(&AttentionInput::new(&xs).with_rotary(&rope))?;
+        o.output.to_kind(Kind::Float).sum(Kind::Float).backward();
+        assert_close(
+            &out.output.narrow(0, start, l),
+            &o.output,
+            2e-2,
+            2e-2,
+            &format!("packed output, length {l}"),
+        )?;
+        assert_close(
+            &xp.grad().narrow(0, start, l),
+            &xs.grad(),
+            5e-2,
+            5e-2,
+            &format!("packed grad, length {l}"),
+        )?;
+        start += l;
+    }
+    Ok(())
+}
