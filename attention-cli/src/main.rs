@@ -5,6 +5,9 @@
 //!   backward on random data, printing shapes, output statistics and time per call.
 //! * `attn train-step [CONFIG.toml]` — training steps with the training extras switched on by
 //!   flags, printing loss, max logits, clip factors, peak memory and time per step.
+//! * `attn generate` — the Qwen3-style decoder example on its fixture weights: greedy
+//!   generation in both KV-cache contexts, token ids and tokens per second per phase.
+//! * `attn bench` — the CUDA paths against their baselines (feature `cuda`).
 //! * `attn check FILE.toml` — resolves and builds a model file and prints every module and
 //!   parameter (name, shape, dtype), or the error with its place in the file.
 //! * `attn parity PATH...` — runs Megatron-Core fixture cases and compares every tensor.
@@ -12,7 +15,9 @@
 //!
 //! Every failure prints one line and exits non-zero.
 
+mod bench;
 mod check;
+mod generate;
 mod run;
 mod train_step;
 
@@ -40,6 +45,10 @@ enum Command {
     Run(run::RunArgs),
     /// Training steps with the training extras (recompute, delayed wgrad, QK-Clip, realtime tests).
     TrainStep(train_step::TrainStepArgs),
+    /// Greedy generation with the Qwen3-style decoder example (static and paged contexts).
+    Generate(generate::GenerateArgs),
+    /// CUDA benchmarks against their baselines (needs the `cuda` feature and a GPU).
+    Bench(bench::BenchArgs),
     /// Resolve and build a model file; print its modules and parameters.
     Check {
         /// The model file.
@@ -159,6 +168,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&args).map(|_| true),
         Command::TrainStep(args) => train_step::train_step(&args).map(|_| true),
+        Command::Generate(args) => generate::generate(&args).map(|_| true),
+        Command::Bench(args) => bench::bench(&args).map(|_| true),
         Command::Check { file, device } => check::check(&file, &device).map(|_| true),
         Command::Parity { paths, core_attention, device } => {
             parity(&paths, core_attention.as_deref(), &device)

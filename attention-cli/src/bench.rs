@@ -1,0 +1,579 @@
+//! `attn bench`: the CUDA paths against their baselines, side by side in one process on one GPU
+//! (needs the `cuda` feature). Prints a table and writes JSON.
+//!
+//! * copy: a device-to-device copy, the bandwidth ceiling (bytes read + written);
+//! * prefill: forward and forward+backward TFLOP/s of the `sdpa-cuda` core attention (from
+//!   Megatron's `[s, b, h, d]` layout) against PyTorch SDPA's default backend on
+//!   `[B, S, H, D]` memory viewed `[B, H, S, D]`, B·S = 16k, H·D = 2048;
+//! * flash_decode: the fused static-cache decode step against SDPA decode on contiguous keys and
+//!   values (no rotary, no append) and against the same step done with libtorch ops (rotary,
+//!   index copy, SDPA); bytes = keys + values read, q/o, new k/v written;
+//! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
+//! * mixed step: 64 decode requests plus one 2048-token prefill chunk in one call, against the
+//!   two parts in two calls.
+//!
+//! Time: each case runs `iters` times between device synchronisations, repeated `reps` times;
+//! the median repeat is reported.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+/// Options of `attn bench`.
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Which groups to run: copy, prefill, decode, paged, mixed (default: all).
+    #[arg(long = "only")]
+    only: Vec<String>,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench.json")]
+    json_out: PathBuf,
+    /// Device: cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Timed repeats per case (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    reps: usize,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn bench(_args: &BenchArgs) -> Result<()> {
+    anyhow::bail!(
+        "attn bench needs a build with the `cuda` feature (cargo build --release -p attention-cli --features cuda)"
+    )
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
+    imp::bench(args)
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::time::Instant;
+
+    use anyhow::{Context, Result, bail};
+    use attention_core::inference::{RotaryCosSin, StaticDecodeStep};
+    use attention_core::rotary::apply_rotary_pos_emb;
+    use attention_cuda::decode::{CudaFlashDecode, CudaPagedAttention};
+    use attention_spec::module::{AttnMaskType, CoreAttention, CoreAttentionInput, PagedKv};
+    use serde_json::{Value, json};
+    use tch::{Device, Kind, Tensor};
+
+    use super::BenchArgs;
+    use crate::parse_device;
+
+    fn sync(device: Device) {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    /// Median seconds per call over `reps` repeats of `iters` calls.
+    fn time(
+        device: Device,
+        reps: usize,
+        iters: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        for _ in 0..2 {
+            f()?;
+        }
+        sync(device);
+        let mut t = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let s = Instant::now();
+            for _ in 0..iters {
+                f()?;
+            }
+            sync(device);
+            t.push(s.elapsed().as_secs_f64() / iters as f64);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    }
+
+    struct Report {
+        rows: Vec<Value>,
+    }
+
+    impl Report {
+        fn add(
+            &mut self,
+            group: &str,
+            case: String,
+            ours: (&str, f64),
+            baselines: &[(&str, f64)],
+            unit: &str,
+        ) {
+            let mut line = format!("{group:<8} {case:<34} {:>14} {:>10.1} {unit}", ours.0, ours.1);
+            let mut j = json!({"group": group, "case": case, "unit": unit, "ours": {"name": ours.0, "value": ours.1}, "baselines": []});
+            for (name, v) in baselines {
+                let ratio = if *v > 0.0 { ours.1 / v } else { f64::NAN };
+                line += &format!(" | {name} {v:.1} (x{ratio:.2})");
+                if let Some(a) = j["baselines"].as_array_mut() {
+                    a.push(json!({"name": name, "value": v, "ratio": ratio}));
+                }
+            }
+            println!("{line}");
+            self.rows.push(j);
+        }
+    }
+
+    fn bf16(shape: &[i64], device: Device) -> Tensor {
+        Tensor::randn(shape, (Kind::BFloat16, device))
+    }
+
+    fn copy_bandwidth(device: Device, reps: usize) -> Result<f64> {
+        let n = 1i64 << 30; // 2 GiB of bf16
+        let a = bf16(&[n], device);
+        let mut b = Tensor::empty([n], (Kind::BFloat16, device));
+        let t = time(device, reps, 5, || {
+            b.copy_(&a);
+            Ok(())
+        })?;
+        Ok(2.0 * (n * 2) as f64 / t / 1e9)
+    }
+
+    pub(super) fn bench(args: &BenchArgs) -> Result<()> {
+        let device = parse_device(&args.device)?;
+        attention_cuda::require_cuda(device)?;
+        attention_cuda::link();
+        let want = |g: &str| args.only.is_empty() || args.only.iter().any(|o| o == g);
+        let reps = args.reps.max(3);
+        let mut report = Report { rows: Vec::new() };
+        let _guard = tch::no_grad_guard();
+        println!(
+            "{:<8} {:<34} {:>14} {:>10} unit | baselines (ratio ours/baseline)",
+            "group", "case", "ours", "value"
+        );
+        let copy = copy_bandwidth(device, reps)?;
+        report.add("copy", "device-to-device 2 GiB".into(), ("copy", copy), &[], "GB/s");
+        if want("prefill") {
+            prefill(device, reps, &mut report)?;
+        }
+        if want("decode") {
+            decode(device, reps, copy, &mut report)?;
+        }
+        if want("paged") {
+            paged(device, reps, copy, &mut report)?;
+        }
+        if want("mixed") {
+            mixed(device, reps, &mut report)?;
+        }
+        let gpu = std::process::Command::new("nvidia-smi")
+            .args(["--query-gpu=name,driver_version", "--format=csv,noheader"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let out = json!({"gpu": gpu, "copy_gb_per_s": copy, "results": report.rows});
+        std::fs::write(&args.json_out, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", args.json_out.display()))?;
+        println!("GPU: {gpu}; JSON written to {}", args.json_out.display());
+        Ok(())
+    }
+
+    fn core(
+        kind: &str,
+        heads: i64,
+        groups: i64,
+        hd: i64,
+        causal: bool,
+    ) -> Result<Box<dyn CoreAttention>> {
+        let toml = format!(
+            "[transformer]\nhidden_size = {}\nnum_attention_heads = {heads}\nnum_query_groups = {groups}\nkv_channels = {hd}\n\
+             attention_dropout = 0.0\nparams_dtype = \"bfloat16\"\nbf16 = true\n[attention]\npreset = \"gpt-local\"\n\
+             params = {{ attn_mask_type = \"{}\" }}\nsubmodules = {{ core_attention = \"{kind}\" }}\n",
+            heads * hd,
+            if causal { "causal" } else { "no_mask" }
+        );
+        let model = attention_spec::Model::from_toml_str(&toml, attention_core::registry()?)?;
+        let attention_spec::spec::AttentionSubmodules::SelfAttention(s) =
+            &model.layers[0].attention.submodules
+        else {
+            bail!("self attention expected");
+        };
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let args = attention_spec::registry::CoreAttentionArgs {
+            path: &vs.root(),
+            config: &model.config,
+            params: &s.core_attention.params,
+            layer_number: 1,
+            attn_mask_type: model.layers[0].attention.attn_mask_type,
+            attention_type: attention_spec::module::AttentionType::SelfAttention,
+        };
+        match s.core_attention.factory.builder {
+            attention_spec::registry::Builder::CoreAttention(f) => Ok(f(&args)?),
+            _ => bail!("not a core attention"),
+        }
+    }
+
+    fn prefill(device: Device, reps: usize, report: &mut Report) -> Result<()> {
+        for hd in [128i64, 64] {
+            let h = 2048 / hd;
+            for causal in [false, true] {
+                for s in [512i64, 1024, 2048, 4096, 8192, 16384] {
+                    let b = 16384 / s;
+                    let flops = 4.0 * (b * h * s * s * hd) as f64 * if causal { 0.5 } else { 1.0 };
+                    // Baseline: SDPA default on [B, S, H, D] memory viewed [B, H, S, D].
+                    let mk =
+                        || bf16(&[b, s, h, hd], device).transpose(1, 2).set_requires_grad(true);
+                    let (q, k, v) = (mk(), mk(), mk());
+                    let g = bf16(&[b, h, s, hd], device);
+                    let base = time(device, reps, 10, || {
+                        let _ = Tensor::scaled_dot_product_attention(
+                            &q,
+                            &k,
+                            &v,
+                            None::<Tensor>,
+                            0.0,
+                            causal,
+                            None,
+                            false,
+                        );
+                        Ok(())
+                    })?;
+                    let base_fb = tch::with_grad(|| {
+                        time(device, reps, 5, || {
+                            let o = Tensor::scaled_dot_product_attention(
+                                &q,
+                                &k,
+                                &v,
+                                None::<Tensor>,
+                                0.0,
+                                causal,
+                                None,
+                                false,
+                            );
+                            (o * &g).sum(Kind::Float).backward();
+                            Ok(())
+                        })
+                    })?;
+                    // Ours: the sdpa-cuda core attention on Megatron's [s, b, h, d].
+                    let attn = core("sdpa-cuda", h, h, hd, causal)?;
+                    let mk2 = || bf16(&[s, b, h, hd], device).set_requires_grad(true);
+                    let (q2, k2, v2) = (mk2(), mk2(), mk2());
+                    let g2 = bf16(&[s, b, h * hd], device);
+                    let input = CoreAttentionInput {
+                        query: &q2,
+                        key: &k2,
+                        value: &v2,
+                        attention_mask: None,
+                        attn_mask_type: if causal {
+                            AttnMaskType::Causal
+                        } else {
+                            AttnMaskType::NoMask
+                        },
+                        attention_bias: None,
+                        packed_seq_params: None,
+                        training: false,
+                    };
+                    let ours = time(device, reps, 10, || {
+                        let _ = attn.forward(&input)?;
+                        Ok(())
+                    })?;
+                    let ours_fb = tch::with_grad(|| {
+                        time(device, reps, 5, || {
+                            (attn.forward(&input)? * &g2).sum(Kind::Float).backward();
+                            Ok(())
+                        })
+                    })?;
+                    let backend = attn.backend().unwrap_or_default();
+                    let case = format!(
+                        "hd{hd} {} s{s} b{b} [{backend}]",
+                        if causal { "causal" } else { "full" }
+                    );
+                    report.add(
+                        "prefill",
+                        format!("{case} fwd"),
+                        ("sdpa-cuda", flops / ours / 1e12),
+                        &[("sdpa default", flops / base / 1e12)],
+                        "TFLOP/s",
+                    );
+                    report.add(
+                        "prefill",
+                        format!("{case} fwd+bwd"),
+                        ("sdpa-cuda", 3.5 * flops / ours_fb / 1e12),
+                        &[("sdpa default", 3.5 * flops / base_fb / 1e12)],
+                        "TFLOP/s",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    const DECODE_SHAPES: [(i64, i64); 4] = [(1, 131072), (8, 16384), (32, 4096), (128, 1024)];
+
+    fn decode(device: Device, reps: usize, copy: f64, report: &mut Report) -> Result<()> {
+        let hd = 128;
+        for (hq, hkv) in [(32i64, 8i64), (32, 32)] {
+            for (b, l) in DECODE_SHAPES {
+                // Static cache [max_seq, max_batch, hkv, hd] holding l - 1 tokens; the step adds one.
+                let kc = bf16(&[l, b, hkv, hd], device);
+                let vc = bf16(&[l, b, hkv, hd], device);
+                let q = bf16(&[1, b, hq, hd], device);
+                let k = bf16(&[1, b, hkv, hd], device);
+                let v = bf16(&[1, b, hkv, hd], device);
+                let offsets = Tensor::full([b], l - 1, (Kind::Int, device));
+                let freqs = Tensor::rand([l, hd / 2], (Kind::Float, device)) * (l as f64);
+                let (cos, sin) = (freqs.cos(), freqs.sin());
+                let step = StaticDecodeStep {
+                    query: &q,
+                    key: &k,
+                    value: &v,
+                    key_cache: &kc,
+                    value_cache: &vc,
+                    batch_offset: 0,
+                    sequence_offsets: &offsets,
+                    rotary: Some(RotaryCosSin { cos: &cos, sin: &sin, interleaved: false }),
+                    softmax_scale: 1.0 / (hd as f64).sqrt(),
+                };
+                let bytes =
+                    (2 * b * l * hkv * hd * 2 + 2 * b * hq * hd * 2 + 2 * b * hkv * hd * 2) as f64;
+                let ours = time(device, reps, 20, || {
+                    let _ = CudaFlashDecode.run(&step)?;
+                    Ok(())
+                })?;
+                // SDPA decode on contiguous [B, L, Hkv, D] memory (no rotary, no append).
+                let kb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
+                let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
+                let qb = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
+                let sdpa = time(device, reps, 20, || {
+                    let _ = Tensor::scaled_dot_product_attention(
+                        &qb,
+                        &kb,
+                        &vb,
+                        None::<Tensor>,
+                        0.0,
+                        false,
+                        None,
+                        hq != hkv,
+                    );
+                    Ok(())
+                })?;
+                // The same step with libtorch ops: rotary, index copy into the cache, SDPA.
+                let emb = Tensor::cat(&[&freqs, &freqs], -1).view([l, 1, 1, hd]);
+                let pos = Tensor::full([1], l - 1, (Kind::Int64, device));
+                let mut kc2 = kc.shallow_clone();
+                let mut vc2 = vc.shallow_clone();
+                let ops = time(device, reps, 20, || {
+                    let e = emb.index_select(0, &pos);
+                    let qr = apply_rotary_pos_emb(&q, &e, false)?;
+                    let kr = apply_rotary_pos_emb(&k, &e, false)?;
+                    let _ = kc2.index_copy_(0, &pos, &kr);
+                    let _ = vc2.index_copy_(0, &pos, &v);
+                    // [L, B, Hkv, D] -> [B, Hkv, L, D]
+                    let _ = Tensor::scaled_dot_product_attention(
+                        &qr.permute([1, 2, 0, 3]),
+                        &kc2.permute([1, 2, 0, 3]),
+                        &vc2.permute([1, 2, 0, 3]),
+                        None::<Tensor>,
+                        0.0,
+                        false,
+                        None,
+                        hq != hkv,
+                    );
+                    Ok(())
+                })?;
+                let gbs = |t: f64| bytes / t / 1e9;
+                report.add(
+                    "decode",
+                    format!(
+                        "{hq}/{hkv} {b}x{l} ({:.0} MB) {:.0}% copy",
+                        bytes / 1e6,
+                        100.0 * gbs(ours) / copy
+                    ),
+                    ("flash_decode", gbs(ours)),
+                    &[("sdpa contiguous", gbs(sdpa)), ("libtorch ops", gbs(ops))],
+                    "GB/s",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Paged memory for `b` requests of `l` cached tokens, blocks shuffled.
+    struct Paged {
+        kc: Tensor,
+        vc: Tensor,
+        table: Tensor,
+        kv_len: Tensor,
+    }
+
+    fn paged_memory(b: i64, l: i64, hkv: i64, hd: i64, bs: i64, device: Device) -> Paged {
+        let per = (l + bs - 1) / bs;
+        let nb = b * per + 1;
+        let kc = bf16(&[nb, bs, hkv, hd], device);
+        let vc = bf16(&[nb, bs, hkv, hd], device);
+        let table = Tensor::randperm(nb, (Kind::Int64, device))
+            .narrow(0, 0, b * per)
+            .view([b, per])
+            .to_kind(Kind::Int);
+        let kv_len = Tensor::full([b], l, (Kind::Int, device));
+        Paged { kc, vc, table, kv_len }
+    }
+
+    fn paged(device: Device, reps: usize, copy: f64, report: &mut Report) -> Result<()> {
+        let hd = 128;
+        for bs in [16i64, 256] {
+            for (hq, hkv) in [(32i64, 8i64), (32, 32)] {
+                for (b, l) in DECODE_SHAPES {
+                    let m = paged_memory(b, l, hkv, hd, bs, device);
+                    let q = bf16(&[b, 1, hq, hd], device);
+                    let k = bf16(&[b, 1, hkv, hd], device);
+                    let v = bf16(&[b, 1, hkv, hd], device);
+                    let cu_q = Tensor::arange(b + 1, (Kind::Int, device));
+                    // Slots of the new tokens: position l - 1 of each request.
+                    let last =
+                        m.table.narrow(1, (l - 1) / bs, 1).squeeze_dim(1).to_kind(Kind::Int64);
+                    let slots = last * bs + (l - 1) % bs;
+                    let kernel = CudaPagedAttention::new(1.0 / (hd as f64).sqrt());
+                    let input = CoreAttentionInput {
+                        query: &q,
+                        key: &k,
+                        value: &v,
+                        attention_mask: None,
+                        attn_mask_type: AttnMaskType::Causal,
+                        attention_bias: None,
+                        packed_seq_params: None,
+                        training: false,
+                    };
+                    let pk = PagedKv {
+                        key_cache: &m.kc,
+                        value_cache: &m.vc,
+                        slot_mapping: &slots,
+                        block_table: &m.table,
+                        cu_seqlens_q: &cu_q,
+                        seqlens_k: &m.kv_len,
+                        max_seqlen_q: 1,
+                        max_seqlen_k: l,
+                    };
+                    let bytes = (2 * b * l * hkv * hd * 2
+                        + 2 * b * hq * hd * 2
+                        + 4 * m.table.numel() as i64) as f64;
+                    let ours = time(device, reps, 20, || {
+                        let _ = kernel.run(&input, &pk)?;
+                        Ok(())
+                    })?;
+                    // Baseline: gather the pages, then SDPA.
+                    let per = m.table.size()[1];
+                    let idx = m.table.to_kind(Kind::Int64).view([-1]);
+                    let qb = q.view([b, 1, hq, hd]).transpose(1, 2);
+                    let base = time(device, reps, 10, || {
+                        let kg =
+                            m.kc.index_select(0, &idx)
+                                .view([b, per * bs, hkv, hd])
+                                .narrow(1, 0, l)
+                                .transpose(1, 2);
+                        let vg =
+                            m.vc.index_select(0, &idx)
+                                .view([b, per * bs, hkv, hd])
+                                .narrow(1, 0, l)
+                                .transpose(1, 2);
+                        let _ = Tensor::scaled_dot_product_attention(
+                            &qb,
+                            &kg,
+                            &vg,
+                            None::<Tensor>,
+                            0.0,
+                            false,
+                            None,
+                            hq != hkv,
+                        );
+                        Ok(())
+                    })?;
+                    let gbs = |t: f64| bytes / t / 1e9;
+                    report.add(
+                        "paged",
+                        format!("bs{bs} {hq}/{hkv} {b}x{l} {:.0}% copy", 100.0 * gbs(ours) / copy),
+                        ("paged kernel", gbs(ours)),
+                        &[("gather+sdpa", gbs(base))],
+                        "GB/s",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mixed(device: Device, reps: usize, report: &mut Report) -> Result<()> {
+        let (hq, hkv, hd, bs) = (32i64, 8i64, 128i64, 16i64);
+        let (nd, ld, lp) = (64i64, 4096i64, 2048i64);
+        let kernel = CudaPagedAttention::new(1.0 / (hd as f64).sqrt());
+        // 64 decode requests with 4096 cached keys, one request prefilling 2048 new tokens on
+        // top of 2048 cached ones.
+        let m = paged_memory(nd + 1, ld, hkv, hd, bs, device);
+        let mut kv = vec![ld as i32; nd as usize];
+        kv.push(ld as i32);
+        let kv_len = Tensor::from_slice(&kv).to_device(device);
+        let mut cu: Vec<i32> = (0..=nd as i32).collect();
+        cu.push(nd as i32 + lp as i32);
+        let cu_q = Tensor::from_slice(&cu).to_device(device);
+        let t = nd + lp;
+        let q = bf16(&[t, 1, hq, hd], device);
+        let k = bf16(&[t, 1, hkv, hd], device);
+        let v = bf16(&[t, 1, hkv, hd], device);
+        let slots = Tensor::arange(t, (Kind::Int64, device));
+        let run = |q: &Tensor,
+                   k: &Tensor,
+                   v: &Tensor,
+                   cu: &Tensor,
+                   lens: &Tensor,
+                   table: &Tensor,
+                   max_q: i64|
+         -> Result<()> {
+            let input = CoreAttentionInput {
+                query: q,
+                key: k,
+                value: v,
+                attention_mask: None,
+                attn_mask_type: AttnMaskType::Causal,
+                attention_bias: None,
+                packed_seq_params: None,
+                training: false,
+            };
+            let n = slots.narrow(0, 0, q.size()[0]);
+            let pk = PagedKv {
+                key_cache: &m.kc,
+                value_cache: &m.vc,
+                slot_mapping: &n,
+                block_table: table,
+                cu_seqlens_q: cu,
+                seqlens_k: lens,
+                max_seqlen_q: max_q,
+                max_seqlen_k: ld,
+            };
+            let _ = kernel.run(&input, &pk)?;
+            Ok(())
+        };
+        let both = time(device, reps, 5, || run(&q, &k, &v, &cu_q, &kv_len, &m.table, lp))?;
+        let dec_cu = cu_q.narrow(0, 0, nd + 1);
+        let dec = (q.narrow(0, 0, nd), k.narrow(0, 0, nd), v.narrow(0, 0, nd));
+        let pre_cu = Tensor::from_slice(&[0i32, lp as i32]).to_device(device);
+        let pre = (q.narrow(0, nd, lp), k.narrow(0, nd, lp), v.narrow(0, nd, lp));
+        let pre_len = kv_len.narrow(0, nd, 1);
+        let pre_table = m.table.narrow(0, nd, 1);
+        let separate = time(device, reps, 5, || {
+            run(
+                &dec.0,
+                &dec.1,
+                &dec.2,
+                &dec_cu,
+                &kv_len.narrow(0, 0, nd),
+                &m.table.narrow(0, 0, nd),
+                1,
+            )?;
+            run(&pre.0, &pre.1, &pre.2, &pre_cu, &pre_len, &pre_table, lp)
+        })?;
+        report.add(
+            "mixed",
+            format!("{nd} decode x{ld} + prefill {lp} on {}", ld - lp),
+            ("one call", both * 1e3),
+            &[("two calls", separate * 1e3)],
+            "ms",
+        );
+        Ok(())
+    }
+}
