@@ -29,7 +29,6 @@
 
 #define WARPS 4
 #define THREADS (WARPS * 32)
-#define MAX_PAIRS 8  // (token, head) pairs a block keeps
 
 struct Params {
   unsigned long long q, k_new, v_new, k_cache, v_cache, out, part_o, part_lse;
@@ -89,14 +88,16 @@ __device__ __forceinline__ void rotate(float* x, int hd, const Params& p, int po
   }
 }
 
-// Keys per shared-memory stage: 64 for rows of up to 256 bytes, fewer for wider rows, so two
-// stages of keys and values stay near 70 KB (three resident blocks per multiprocessor).
+// Keys per shared-memory stage: 64 for rows of up to 128 bytes, fewer for wider rows, so two
+// stages of keys and values stay near 35 KB (six resident blocks per multiprocessor).
 template <typename T, int HD>
 struct Tile {
-  static constexpr int KT = (HD * (int)sizeof(T) <= 256) ? 64 : (HD * (int)sizeof(T) <= 512 ? 32 : 16);
+  static constexpr int KT = (HD * (int)sizeof(T) <= 128) ? 64 : (HD * (int)sizeof(T) <= 256 ? 32 : 16);
 };
 
-template <typename T, int HD, bool PAGED>
+// PAIRS: the most (token, head) pairs a block keeps, a compile-time bound (1, 2, 4 or 8) so the
+// per-pair loops and registers fit the launch (the host picks the smallest that holds it).
+template <typename T, int HD, int PAIRS, bool PAGED>
 __device__ void attend(const Params& p) {
   constexpr int VEC = 16 / sizeof(T);       // elements per 16-byte vector
   constexpr int ROW = HD + VEC;             // padded shared-memory row (breaks bank conflicts)
@@ -105,12 +106,17 @@ __device__ void attend(const Params& p) {
   constexpr int LPK = 32 / KPW;             // lanes per key in the score
   constexpr int DPL = HD / LPK;             // dims per lane in the score
   constexpr int PER_LANE = HD / 32;         // output dims per lane
+  static_assert(DPL % VEC == 0 && PER_LANE >= 1 && KPW * WARPS == KT, "tile shape");
   extern __shared__ __align__(16) unsigned char smem[];
   // Two stages of key and value tiles (cp.async double buffering), then the queries.
   T* sk_buf = reinterpret_cast<T*>(smem);                        // [2][KT][ROW]
   T* sv_buf = sk_buf + 2 * KT * ROW;                             // [2][KT][ROW]
-  float* sq = reinterpret_cast<float*>(sv_buf + 2 * KT * ROW);   // [MAX_PAIRS][HD]
-  float* snew = sq + MAX_PAIRS * HD;                             // static: the rotated new key
+  // The warp merge at the end reuses the stages: they are sized for whichever is larger.
+  constexpr int STAGES_BYTES = 4 * KT * ROW * (int)sizeof(T);
+  constexpr int MERGE_BYTES = WARPS * PAIRS * (HD + 2) * 4;
+  constexpr int FRONT = STAGES_BYTES > MERGE_BYTES ? STAGES_BYTES : MERGE_BYTES;
+  float* sq = reinterpret_cast<float*>(smem + FRONT);            // [PAIRS][HD]
+  float* snew = sq + PAIRS * HD;                                 // static: the rotated new key
 
   const int row = blockIdx.y;
   const int tile = blockIdx.x;
@@ -178,9 +184,9 @@ __device__ void attend(const Params& p) {
   const int end = min(limit, start + p.split_len);
 
   // Per warp: an online softmax for every pair over the warp's keys of each stage.
-  float m[MAX_PAIRS], l[MAX_PAIRS], acc[MAX_PAIRS][PER_LANE];
+  float m[PAIRS], l[PAIRS], acc[PAIRS][PER_LANE];
 #pragma unroll
-  for (int k = 0; k < MAX_PAIRS; ++k) {
+  for (int k = 0; k < PAIRS; ++k) {
     m[k] = -INFINITY;
     l[k] = 0.f;
 #pragma unroll
@@ -222,8 +228,11 @@ __device__ void attend(const Params& p) {
     cp_async_commit();
   };
 
-  const int kk = lane / LPK;    // this lane's key within the warp's slice
-  const int part = lane % LPK;  // which DPL dims of it
+  // Lane = part * KPW + kk: the 8 lanes of a 16-byte shared-memory access phase read the same
+  // chunk of 8 different keys, whose rows are 16 bytes apart in the banks (the row padding),
+  // and the same query chunk (a broadcast): no bank conflicts.
+  const int kk = lane % KPW;    // this lane's key within the warp's slice
+  const int part = lane / KPW;  // which DPL dims of it
   if (start < end) load_tile(start, 0);
   for (int base = start, stage = 0; base < end; base += KT, stage ^= 1) {
     // Prefetch the next tile into the other stage, then wait for this one.
@@ -237,51 +246,52 @@ __device__ void attend(const Params& p) {
     const T* sk = sk_buf + stage * KT * ROW + warp * KPW * ROW;
     const T* sv = sv_buf + stage * KT * ROW + warp * KPW * ROW;
     const int t = base + warp * KPW + kk;  // this lane's key position
-    // 3b. Scores of every pair for this lane's key: DPL dims here, LPK lanes summed.
-    float s[MAX_PAIRS];
+    // 3b. Scores of every pair for this lane's key: DPL dims here (every LPK-th 16-byte
+    //     chunk), summed over the LPK lanes of the key.
+    float s[PAIRS];
 #pragma unroll
-    for (int k = 0; k < MAX_PAIRS; ++k) s[k] = 0.f;
-    const T* kr = sk + kk * ROW + part * DPL;
+    for (int k = 0; k < PAIRS; ++k) s[k] = 0.f;
+    const T* kr = sk + kk * ROW;
 #pragma unroll
-    for (int c = 0; c < DPL; c += VEC) {
-      uint4 raw = *reinterpret_cast<const uint4*>(kr + c);
+    for (int c = 0; c < DPL / VEC; ++c) {
+      const int dim = (c * LPK + part) * VEC;
+      uint4 raw = *reinterpret_cast<const uint4*>(kr + dim);
       const T* kv = reinterpret_cast<const T*>(&raw);
       float kf[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) kf[e] = to_f(kv[e]);
 #pragma unroll
-      for (int k = 0; k < MAX_PAIRS; ++k) {
+      for (int k = 0; k < PAIRS; ++k) {
         if (k < pairs) {
-          const float* qv = sq + k * HD + part * DPL + c;
+          const float* qv = sq + k * HD + dim;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) s[k] += qv[e] * kf[e];
         }
       }
     }
 #pragma unroll
-    for (int k = 0; k < MAX_PAIRS; ++k) {
+    for (int k = 0; k < PAIRS; ++k) {
 #pragma unroll
-      for (int o = LPK / 2; o > 0; o >>= 1) s[k] += __shfl_xor_sync(0xffffffff, s[k], o);
+      for (int o = 16; o >= KPW; o >>= 1) s[k] += __shfl_xor_sync(0xffffffff, s[k], o);
     }
     // 3c. Online softmax per pair over the warp's keys, then the weighted values.
-    float w[MAX_PAIRS];
+    float w[PAIRS];
 #pragma unroll
-    for (int k = 0; k < MAX_PAIRS; ++k) {
+    for (int k = 0; k < PAIRS; ++k) {
       w[k] = 0.f;
       if (k >= pairs) continue;
       int qpos = cached + t0 + k / nh;
       float sk_ = (t < end && t <= qpos) ? s[k] * p.scale_log2 : -INFINITY;
       float tmax = sk_;
 #pragma unroll
-      for (int o = 16; o >= LPK; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, o));
+      for (int o = KPW / 2; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, o));
       float m_new = fmaxf(m[k], tmax);
       if (m_new == -INFINITY) continue;  // nothing visible yet (uniform across the warp)
       float corr = exp2f(m[k] - m_new);
       float pj = (sk_ == -INFINITY) ? 0.f : exp2f(sk_ - m_new);
-      float psum = part == 0 ? pj : 0.f;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) psum += __shfl_xor_sync(0xffffffff, psum, o);
-      l[k] = l[k] * corr + psum;
+      // Each key's weight is counted by its part-0 lane; the lanes' sums are added at the end
+      // (corr is uniform across the warp, so the per-lane sums stay consistent).
+      l[k] = l[k] * corr + (part == 0 ? pj : 0.f);
       m[k] = m_new;
 #pragma unroll
       for (int e = 0; e < PER_LANE; ++e) acc[k][e] *= corr;
@@ -294,8 +304,8 @@ __device__ void attend(const Params& p) {
 #pragma unroll
       for (int e = 0; e < PER_LANE; ++e) vf[e] = to_f(vr[e]);
 #pragma unroll
-      for (int k = 0; k < MAX_PAIRS; ++k) {
-        float wj = __shfl_sync(0xffffffff, w[k], j * LPK);
+      for (int k = 0; k < PAIRS; ++k) {
+        float wj = __shfl_sync(0xffffffff, w[k], j);
         if (k < pairs) {
 #pragma unroll
           for (int e = 0; e < PER_LANE; ++e) acc[k][e] += wj * vf[e];
@@ -307,33 +317,38 @@ __device__ void attend(const Params& p) {
 
   // 4. Merge the warps (their maxima, sums and partial outputs via shared memory, reusing the
   //    key/value stages), then write the output (one split) or partial output and lse.
-  float* mm = reinterpret_cast<float*>(smem);       // [WARPS][MAX_PAIRS]
-  float* ll = mm + WARPS * MAX_PAIRS;               // [WARPS][MAX_PAIRS]
-  float* aa = ll + WARPS * MAX_PAIRS;               // [WARPS][MAX_PAIRS][HD]
+  float* mm = reinterpret_cast<float*>(smem);       // [WARPS][PAIRS]
+  float* ll = mm + WARPS * PAIRS;               // [WARPS][PAIRS]
+  float* aa = ll + WARPS * PAIRS;               // [WARPS][PAIRS][HD]
+#pragma unroll
+  for (int k = 0; k < PAIRS; ++k) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l[k] += __shfl_xor_sync(0xffffffff, l[k], o);
+  }
   __syncthreads();
 #pragma unroll
-  for (int k = 0; k < MAX_PAIRS; ++k) {
+  for (int k = 0; k < PAIRS; ++k) {
     if (k >= pairs) continue;
     if (lane == 0) {
-      mm[warp * MAX_PAIRS + k] = m[k];
-      ll[warp * MAX_PAIRS + k] = l[k];
+      mm[warp * PAIRS + k] = m[k];
+      ll[warp * PAIRS + k] = l[k];
     }
 #pragma unroll
-    for (int e = 0; e < PER_LANE; ++e) aa[(warp * MAX_PAIRS + k) * HD + lane * PER_LANE + e] = acc[k][e];
+    for (int e = 0; e < PER_LANE; ++e) aa[(warp * PAIRS + k) * HD + lane * PER_LANE + e] = acc[k][e];
   }
   __syncthreads();
   for (int i = threadIdx.x; i < pairs * HD; i += THREADS) {
     int k = i / HD, d = i % HD;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w2 = 0; w2 < WARPS; ++w2) mx = fmaxf(mx, mm[w2 * MAX_PAIRS + k]);
+    for (int w2 = 0; w2 < WARPS; ++w2) mx = fmaxf(mx, mm[w2 * PAIRS + k]);
     float lsum = 0.f, o = 0.f;
     if (mx != -INFINITY) {
 #pragma unroll
       for (int w2 = 0; w2 < WARPS; ++w2) {
-        float f = exp2f(mm[w2 * MAX_PAIRS + k] - mx);
-        lsum += ll[w2 * MAX_PAIRS + k] * f;
-        o += aa[(w2 * MAX_PAIRS + k) * HD + d] * f;
+        float f = exp2f(mm[w2 * PAIRS + k] - mx);
+        lsum += ll[w2 * PAIRS + k] * f;
+        o += aa[(w2 * PAIRS + k) * HD + d] * f;
       }
     }
     long long tok = q0 + t0 + k / nh;
@@ -371,32 +386,40 @@ __device__ void combine(const Params& p) {
   }
 }
 
-// Entry points: attn_{static|paged}_{bf16|f16|f32}_{head dim}, attn_combine_{dtype}_{head dim}.
-#define ATTN_KERNELS(TNAME, T, HD, KT)                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD(Params p) { \
-    attend<T, HD, false>(p);                                                                    \
-  }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD(Params p) {  \
-    attend<T, HD, true>(p);                                                                     \
-  }                                                                                             \
+// Entry points: attn_{static|paged}_{bf16|f16|f32}_{head dim}_p{pairs},
+// attn_combine_{dtype}_{head dim}.
+#define ATTN_ATTEND(TNAME, T, HD, P)                                                                    \
+  extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_p##P(Params p) { \
+    attend<T, HD, P, false>(p);                                                                         \
+  }                                                                                                     \
+  extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD##_p##P(Params p) {  \
+    attend<T, HD, P, true>(p);                                                                          \
+  }
+#define ATTN_COMBINE(TNAME, T, HD) \
   extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); }
+#define ATTN_EVERY_PAIRS(TNAME, T, HD) \
+  ATTN_COMBINE(TNAME, T, HD)           \
+  ATTN_ATTEND(TNAME, T, HD, 1)         \
+  ATTN_ATTEND(TNAME, T, HD, 2)         \
+  ATTN_ATTEND(TNAME, T, HD, 4)         \
+  ATTN_ATTEND(TNAME, T, HD, 8)
 
-// One variant per compilation (-DATTN_TNAME=bf16 -DATTN_T=__nv_bfloat16 -DATTN_HD=128), or
-// every variant with -DATTN_ALL.
+// One variant per compilation (-DATTN_TNAME=bf16 -DATTN_T=__nv_bfloat16 -DATTN_HD=128
+// -DATTN_PAIRS=4), or every variant with -DATTN_ALL.
 #if defined(ATTN_ALL)
-ATTN_KERNELS(bf16, __nv_bfloat16, 32, 32)
-ATTN_KERNELS(bf16, __nv_bfloat16, 64, 32)
-ATTN_KERNELS(bf16, __nv_bfloat16, 128, 32)
-ATTN_KERNELS(bf16, __nv_bfloat16, 256, 32)
-ATTN_KERNELS(f16, __half, 32, 32)
-ATTN_KERNELS(f16, __half, 64, 32)
-ATTN_KERNELS(f16, __half, 128, 32)
-ATTN_KERNELS(f16, __half, 256, 32)
-ATTN_KERNELS(f32, float, 32, 32)
-ATTN_KERNELS(f32, float, 64, 32)
-ATTN_KERNELS(f32, float, 128, 32)
-ATTN_KERNELS(f32, float, 256, 32)
+ATTN_EVERY_PAIRS(bf16, __nv_bfloat16, 32)
+ATTN_EVERY_PAIRS(bf16, __nv_bfloat16, 64)
+ATTN_EVERY_PAIRS(bf16, __nv_bfloat16, 128)
+ATTN_EVERY_PAIRS(bf16, __nv_bfloat16, 256)
+ATTN_EVERY_PAIRS(f16, __half, 32)
+ATTN_EVERY_PAIRS(f16, __half, 64)
+ATTN_EVERY_PAIRS(f16, __half, 128)
+ATTN_EVERY_PAIRS(f16, __half, 256)
+ATTN_EVERY_PAIRS(f32, float, 32)
+ATTN_EVERY_PAIRS(f32, float, 64)
+ATTN_EVERY_PAIRS(f32, float, 128)
+ATTN_EVERY_PAIRS(f32, float, 256)
 #elif defined(ATTN_TNAME)
-#define ATTN_EXPAND(TN, T, HD) ATTN_KERNELS(TN, T, HD, 32)
-ATTN_EXPAND(ATTN_TNAME, ATTN_T, ATTN_HD)
+#define ATTN_EXPAND(TN, T, HD, P) ATTN_COMBINE(TN, T, HD) ATTN_ATTEND(TN, T, HD, P)
+ATTN_EXPAND(ATTN_TNAME, ATTN_T, ATTN_HD, ATTN_PAIRS)
 #endif

@@ -12,15 +12,15 @@ pub(crate) const MAX_PAIRS: i64 = 8;
 /// Keys per shared-memory stage (the kernels' `Tile::KT`).
 fn key_tile(hd: i64, elt: i64) -> i64 {
     match hd * elt {
-        b if b <= 256 => 64,
-        b if b <= 512 => 32,
+        b if b <= 128 => 64,
+        b if b <= 256 => 32,
         _ => 16,
     }
 }
+/// Warps per block (the kernels' `WARPS`).
+const WARPS: i64 = 4;
 /// Fewest keys worth a split of their own.
 const MIN_SPLIT_KEYS: i64 = 256;
-/// Blocks per multiprocessor the split-KV heuristic aims for.
-const BLOCKS_PER_SM: i64 = 6;
 
 /// `struct Params` of `kernels/attention.cu`, field for field.
 #[repr(C)]
@@ -135,20 +135,31 @@ pub(crate) fn launch(
     geo: Geometry,
 ) -> Result<(), Error> {
     let name = dtype_name(kind)?;
-    let k = kernels(device, Variant { dtype: name, head_dim: hd })?;
+    // Head chunks of at most MAX_PAIRS heads; tokens per tile fill the remaining pairs. The
+    // kernel is instantiated for the smallest power of two that holds a block's pairs.
+    let heads_per_chunk = geo.group.min(MAX_PAIRS);
+    let nchunks = (geo.group + heads_per_chunk - 1) / heads_per_chunk;
+    let tokens_per_tile = (MAX_PAIRS / heads_per_chunk).max(1).min(geo.max_q.max(1));
+    let pairs = ((tokens_per_tile * heads_per_chunk) as u64).next_power_of_two() as i64;
+    let tiles = (geo.max_q + tokens_per_tile - 1) / tokens_per_tile;
+    let k = kernels(device, Variant { dtype: name, head_dim: hd, pairs })?;
     let elt = kind.elt_size_in_bytes() as i64;
     let vec = 16 / elt;
     let kt = key_tile(hd, elt);
-    // Head chunks of at most MAX_PAIRS heads; tokens per tile fill the remaining pairs.
-    let heads_per_chunk = geo.group.min(MAX_PAIRS);
-    let nchunks = (geo.group + heads_per_chunk - 1) / heads_per_chunk;
-    let tokens_per_tile = (MAX_PAIRS / heads_per_chunk).max(1);
-    let tiles = (geo.max_q + tokens_per_tile - 1) / tokens_per_tile;
-    // Split-KV: enough blocks to keep every multiprocessor busy with several resident blocks
-    // (memory latency is hidden across blocks), splits of at least MIN_SPLIT_KEYS keys.
+    // Two stages of keys and values (the warp merge reuses them), the queries, the new key.
+    let front = (4 * kt * (hd + vec) * elt).max(WARPS * pairs * (hd + 2) * 4);
+    let smem = (front + pairs * hd * 4 + hd * 4) as u32;
+    let kind_name = if paged { "paged" } else { "static" };
+    let attend = k.function(&format!("attn_{kind_name}_{name}_{hd}_p{pairs}"), smem)?;
+    // Split-KV: one full wave of resident blocks (memory latency is hidden across them), in
+    // splits of at least MIN_SPLIT_KEYS keys.
+    let resident = attend
+        .occupancy_max_active_blocks_per_multiprocessor((WARPS * 32) as u32, smem as usize, None)
+        .map_err(|e| Error::Driver(format!("occupancy: {e:?}")))?
+        .max(1) as i64;
     let blocks = geo.n_rows * tiles * geo.hkv * nchunks;
     let max_splits = ((geo.max_keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
-    let nsplit = ((BLOCKS_PER_SM * k.sm_count + blocks - 1) / blocks.max(1)).clamp(1, max_splits);
+    let nsplit = ((resident * k.sm_count + blocks - 1) / blocks.max(1)).clamp(1, max_splits);
     let per_split = (geo.max_keys + nsplit - 1) / nsplit;
     let split_len = ((per_split + kt - 1) / kt * kt).max(kt);
     let nsplit = ((geo.max_keys + split_len - 1) / split_len).max(1);
@@ -176,10 +187,6 @@ pub(crate) fn launch(
     } else {
         (None, None)
     };
-    // Two stages of keys and values, the queries, the new key; the warp merge reuses the stages.
-    let smem = (4 * kt * (hd + vec) * elt + MAX_PAIRS * hd * 4 + hd * 4) as u32;
-    let kind_name = if paged { "paged" } else { "static" };
-    let attend = k.function(&format!("attn_{kind_name}_{name}_{hd}"), smem)?;
     let z = geo.hkv * nchunks * nsplit;
     if geo.n_rows > 65535 || z > 65535 || tiles > i32::MAX as i64 {
         return Err(Error::Unsupported(format!(
@@ -190,7 +197,7 @@ pub(crate) fn launch(
     let stream = k.torch_stream(device)?;
     let cfg = LaunchConfig {
         grid_dim: (tiles as u32, geo.n_rows as u32, z as u32),
-        block_dim: (128, 1, 1),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: smem,
     };
     let mut b = stream.launch_builder(&attend);

@@ -80,13 +80,15 @@ fn load_nvrtc() -> Result<CudaToolkitDir, Error> {
         .map_err(Error::Toolkit)
 }
 
-/// One instantiation of the kernels: element type and head dimension.
+/// One instantiation of the kernels: element type, head dimension and pairs per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Variant {
     /// `bf16`, `f16` or `f32`.
     pub dtype: &'static str,
     /// 32, 64, 128 or 256.
     pub head_dim: i64,
+    /// The most (token, head) pairs a block keeps: 1, 2, 4 or 8.
+    pub pairs: i64,
 }
 
 impl Variant {
@@ -100,6 +102,7 @@ impl Variant {
             format!("-DATTN_TNAME={}", self.dtype),
             format!("-DATTN_T={ctype}"),
             format!("-DATTN_HD={}", self.head_dim),
+            format!("-DATTN_PAIRS={}", self.pairs),
         ]
     }
 }

@@ -9,10 +9,15 @@ use anyhow::{Result, bail};
 fn every_kernel_compiles_to_ptx() -> Result<()> {
     for arch in ["sm_90"] {
         let ptx = attention_cuda::runtime::compile_ptx(arch, None)?.to_src();
-        for kind in ["static", "paged", "combine"] {
-            for dtype in ["bf16", "f16", "f32"] {
-                for hd in [32, 64, 128, 256] {
-                    let name = format!("attn_{kind}_{dtype}_{hd}");
+        for dtype in ["bf16", "f16", "f32"] {
+            for hd in [32, 64, 128, 256] {
+                let mut names = vec![format!("attn_combine_{dtype}_{hd}")];
+                for kind in ["static", "paged"] {
+                    for pairs in [1, 2, 4, 8] {
+                        names.push(format!("attn_{kind}_{dtype}_{hd}_p{pairs}"));
+                    }
+                }
+                for name in names {
                     if !ptx.contains(&format!(".entry {name}(")) {
                         bail!("{arch}: no entry {name} in the PTX");
                     }
