@@ -17,6 +17,7 @@
 
 mod bench;
 mod check;
+mod embed;
 mod generate;
 mod run;
 mod train_step;
@@ -47,6 +48,8 @@ enum Command {
     TrainStep(train_step::TrainStepArgs),
     /// Greedy generation with the Qwen3-style decoder example (static and paged contexts).
     Generate(generate::GenerateArgs),
+    /// Sentence embeddings with the all-MiniLM-L6-v2 example: the texts' cosine matrix.
+    Embed(embed::EmbedArgs),
     /// CUDA benchmarks against their baselines (needs the `cuda` feature and a GPU).
     Bench(bench::BenchArgs),
     /// Resolve and build a model file; print its modules and parameters.
@@ -169,6 +172,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args).map(|_| true),
         Command::TrainStep(args) => train_step::train_step(&args).map(|_| true),
         Command::Generate(args) => generate::generate(&args).map(|_| true),
+        Command::Embed(args) => embed::embed(&args).map(|_| true),
         Command::Bench(args) => bench::bench(&args).map(|_| true),
         Command::Check { file, device } => check::check(&file, &device).map(|_| true),
         Command::Parity { paths, core_attention, device } => {

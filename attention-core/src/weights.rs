@@ -15,7 +15,7 @@ use tch::{Tensor, nn::VarStore};
 #[non_exhaustive]
 pub enum LoadError {
     /// The file could not be read as safetensors.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: PathBuf,

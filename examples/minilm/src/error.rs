@@ -17,7 +17,7 @@ pub enum Error {
         searched: Vec<PathBuf>,
     },
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -25,7 +25,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A JSON file of the model could not be decoded.
-    #[error("cannot decode {path}: {source}")]
+    #[error("cannot decode {path}")]
     Json {
         /// The file.
         path: PathBuf,
@@ -41,7 +41,7 @@ pub enum Error {
         reason: String,
     },
     /// `tokenizer.json` could not be loaded or configured.
-    #[error("tokenizer {path}: {source}")]
+    #[error("tokenizer {path}")]
     TokenizerLoad {
         /// The file.
         path: PathBuf,
