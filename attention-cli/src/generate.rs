@@ -56,7 +56,7 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<()> {
         if reference.is_empty() {
             bail!("give --prompt token ids for a model other than the fixture");
         }
-        reference.iter().map(|r| r.0.clone()).collect()
+        reference.iter().map(|r| r.prompt.clone()).collect()
     } else {
         args.prompts
             .iter()
@@ -100,7 +100,7 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<()> {
         println!("prompt {i} ({} tokens): {p:?}", p.len());
         println!("  static : {:?}", s.tokens);
         println!("  dynamic: {:?}", d.tokens);
-        if let Some((_, tokens, _)) = reference.get(i) {
+        if let Some(qwen3::Reference { tokens, .. }) = reference.get(i) {
             let agree = s.tokens == *tokens && d.tokens == *tokens;
             println!("  Hugging Face generate: {}", if agree { "identical" } else { "DIFFERENT" });
         }

@@ -107,7 +107,7 @@ pub(crate) fn check_tensor(
         return Err(Error::Input(format!("{name} must be contiguous")));
     }
     // Vector loads need 16-byte alignment; integer metadata is read element by element.
-    if t.is_floating_point() && t.data_ptr() as usize % 16 != 0 {
+    if t.is_floating_point() && !(t.data_ptr() as usize).is_multiple_of(16) {
         return Err(Error::Input(format!("{name} is not 16-byte aligned")));
     }
     Ok(())

@@ -271,8 +271,7 @@ impl CoreAttention for SdpaCuda {
         // libtorch's memory-efficient kernel has no GQA (`enable_gqa` makes it refuse the call),
         // so for that backend key/value heads are repeated up to the query heads first.
         let (np, ng) = (input.query.size()[2], input.key.size()[2]);
-        let expanded = if self.backend == Backend::Efficient && np != ng && ng > 0 && np % ng == 0
-        {
+        let expanded = if self.backend == Backend::Efficient && np != ng && ng > 0 && np % ng == 0 {
             let repeat = |t: &Tensor| t.f_repeat_interleave_self_int(np / ng, 2, None);
             Some((repeat(input.key)?, repeat(input.value)?))
         } else {

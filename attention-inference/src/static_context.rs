@@ -47,8 +47,11 @@ pub struct StaticInferenceContext {
     /// place so a captured decode step replays with new offsets.
     offsets: Option<(Tensor, i64)>,
     /// cos/sin of the last rotary table seen, keyed by its address and shape.
-    cos_sin: Option<((usize, Vec<i64>, bool), Tensor, Tensor)>,
+    cos_sin: Option<(RotaryKey, Tensor, Tensor)>,
 }
+
+/// Identifies a rotary table: its data address, shape, and whether it is interleaved.
+type RotaryKey = (usize, Vec<i64>, bool);
 
 impl StaticInferenceContext {
     /// An empty context.

@@ -9,7 +9,8 @@
 //!   wheel's `torch` folder, which `.cargo/config.toml` names as `LIBTORCH`.
 //! * `attn [ARGS...]` — set up, then run the `attn` binary (release build) with `ARGS`.
 //! * `ci` — set up, then everything CI checks: formatting, clippy with warnings denied, each
-//!   library crate built alone and with each of its features, and the whole test suite.
+//!   library crate built alone and with each of its features, clippy over the CUDA code, the
+//!   whole test suite, and every CUDA kernel compiled to PTX (NVRTC, no GPU).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -121,6 +122,22 @@ fn ci() -> Result<(), String> {
     let root = root();
     run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
     run(cargo(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The CUDA code (no GPU needed to build it) under the same lints.
+    run(cargo(&root).args([
+        "clippy",
+        "--package",
+        "attention-cuda",
+        "--package",
+        "attention-tests",
+        "--package",
+        "attention-cli",
+        "--all-targets",
+        "--features",
+        "attention-cuda/cuda,attention-tests/cuda,attention-cli/cuda",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     for (krate, features) in FEATURE_MATRIX {
         run(cargo(&root).args(["check", "--package", krate, "--all-targets"]))?;
         for feature in *features {
@@ -134,5 +151,15 @@ fn ci() -> Result<(), String> {
             ]))?;
         }
     }
-    run(cargo(&root).args(["test", "--workspace"]))
+    run(cargo(&root).args(["test", "--workspace"]))?;
+    // Every CUDA kernel variant compiles to PTX for sm_90 with the wheel's NVRTC (no GPU).
+    run(cargo(&root).args([
+        "test",
+        "--package",
+        "attention-cuda",
+        "--features",
+        "cuda",
+        "--test",
+        "ptx",
+    ]))
 }

@@ -520,8 +520,19 @@ pub fn fixture_dir() -> PathBuf {
     if built.is_dir() { built } else { PathBuf::from("examples/qwen3/fixtures") }
 }
 
+/// One prompt of the fixture with Hugging Face's greedy continuation.
+#[derive(Debug)]
+pub struct Reference {
+    /// The prompt's token ids.
+    pub prompt: Vec<i64>,
+    /// The generated token ids (without the prompt).
+    pub tokens: Vec<i64>,
+    /// float32 `[new_tokens, vocab]`: the logits each generated token was chosen from.
+    pub logits: Tensor,
+}
+
 /// The prompts, Hugging Face's greedy tokens and logits of the fixture.
-pub fn fixture_generations(dir: &Path) -> Result<Vec<(Vec<i64>, Vec<i64>, Tensor)>, Error> {
+pub fn fixture_generations(dir: &Path) -> Result<Vec<Reference>, Error> {
     let mut t = read_safetensors(&dir.join("generation.safetensors"))?;
     let mut out = Vec::new();
     for i in 0.. {
@@ -532,7 +543,11 @@ pub fn fixture_generations(dir: &Path) -> Result<Vec<(Vec<i64>, Vec<i64>, Tensor
         let logits = t
             .remove(&format!("logits.{i}"))
             .ok_or_else(|| Error::Missing(format!("logits.{i}")))?;
-        out.push((Vec::<i64>::try_from(&prompt)?, Vec::<i64>::try_from(&tokens)?, logits));
+        out.push(Reference {
+            prompt: Vec::<i64>::try_from(&prompt)?,
+            tokens: Vec::<i64>::try_from(&tokens)?,
+            logits,
+        });
     }
     Ok(out)
 }

@@ -4,7 +4,7 @@
 //! budget below the longest prompt, small blocks), with both core-attention kinds.
 
 use anyhow::{Result, bail};
-use qwen3::{Error, Generation, PhaseTimes, Qwen3, fixture_dir, fixture_generations};
+use qwen3::{Error, Generation, PhaseTimes, Qwen3, Reference, fixture_dir, fixture_generations};
 use tch::{Device, Kind, Tensor};
 
 fn check(label: &str, got: &Generation, tokens: &[i64], logits: &Tensor) -> Result<()> {
@@ -31,19 +31,20 @@ fn static_and_dynamic_generation_match_hugging_face() -> Result<()> {
     let dir = fixture_dir();
     let fixtures = fixture_generations(&dir)?;
     assert!(fixtures.len() >= 3);
-    let longest = fixtures.iter().map(|f| f.0.len()).max().unwrap_or(0) as i64;
+    let longest = fixtures.iter().map(|f| f.prompt.len()).max().unwrap_or(0) as i64;
     for core in ["dot-product-attention", "sdpa"] {
         let model = Qwen3::load(&dir, core, Device::Cpu)?;
         let mut times = PhaseTimes::default();
-        for (i, (prompt, tokens, logits)) in fixtures.iter().enumerate() {
+        for (i, Reference { prompt, tokens, logits }) in fixtures.iter().enumerate() {
             let g = model.generate_static(prompt, tokens.len() as i64, &mut times)?;
             check(&format!("{core} static, prompt {i}"), &g, tokens, logits)?;
         }
-        let prompts: Vec<Vec<i64>> = fixtures.iter().map(|f| f.0.clone()).collect();
+        let prompts: Vec<Vec<i64>> = fixtures.iter().map(|f| f.prompt.clone()).collect();
         for (block_size, budget) in [(4, 16), (1, 7), (16, longest + 64)] {
             assert!(budget < longest || block_size == 16);
             let gens = model.generate_dynamic(&prompts, 32, block_size, budget, &mut times)?;
-            for (i, (g, (_, tokens, logits))) in gens.iter().zip(&fixtures).enumerate() {
+            for (i, (g, Reference { tokens, logits, .. })) in gens.iter().zip(&fixtures).enumerate()
+            {
                 check(
                     &format!("{core} dynamic (block {block_size}, budget {budget}), prompt {i}"),
                     g,
