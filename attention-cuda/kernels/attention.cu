@@ -4,8 +4,10 @@
 // ("row"), one tile of its new query tokens, one chunk of the query heads of one key/value
 // group (so each key/value head is read once per group, not once per query head), and one
 // split of the key range (flash-decoding's split-KV). Keys and values stream through shared
-// memory KT at a time, 16-byte vector loads; every (token, head) pair keeps an online softmax
-// in one warp (fp32 accumulation, exp2 with a log2(e)-premultiplied scale).
+// memory KT at a time (cp.async, double-buffered); each of the 4 warps takes a quarter of every
+// tile and keeps an online softmax for all of the block's (token, head) pairs (fp32
+// accumulation, exp2 with a log2(e)-premultiplied scale); the warps are merged at the end. The
+// number of pairs is a compile-time bound (PAIRS), picked by the host per launch.
 //
 // Keys at positions >= the cached length are the step's new tokens: blocks read them from the
 // new-key input rather than the cache, and the block owning (row, group, first tile, first head

@@ -164,7 +164,7 @@ mod varlen {
     //! Packed sequences through `aten::_flash_attention_forward`/`_backward`.
     use attention_core::autograd::{Function, apply};
     use attention_spec::ForwardError;
-    use tch::{Kind, Tensor};
+    use tch::Tensor;
 
     use super::VarlenSettings;
     use crate::shim::{flash_varlen_backward, flash_varlen_forward};
@@ -235,7 +235,6 @@ mod varlen {
         let (qs, ks, vs) = (squeeze(q)?, squeeze(k)?, squeeze(v)?);
         let (t, np, hn) = (qs.size()[0], qs.size()[1], qs.size()[2]);
         let out = apply(Box::new(f), &[&qs, &ks, &vs], 1)?.remove(0);
-        let _ = Kind::Float;
         Ok(out.f_reshape([t, 1, np * hn])?)
     }
 }
