@@ -150,13 +150,11 @@ pub(crate) fn launch(
     let front = (4 * kt * (hd + vec) * elt).max(WARPS * pairs * (hd + 2) * 4);
     let smem = (front + pairs * hd * 4 + hd * 4) as u32;
     let kind_name = if paged { "paged" } else { "static" };
-    let attend = k.function(&format!("attn_{kind_name}_{name}_{hd}_p{pairs}"), smem)?;
+    let threads = (WARPS * 32) as u32;
+    let attend = k.function(&format!("attn_{kind_name}_{name}_{hd}_p{pairs}"), threads, smem)?;
     // Split-KV: one full wave of resident blocks (memory latency is hidden across them), in
     // splits of at least MIN_SPLIT_KEYS keys.
-    let resident = attend
-        .occupancy_max_active_blocks_per_multiprocessor((WARPS * 32) as u32, smem as usize, None)
-        .map_err(|e| Error::Driver(format!("occupancy: {e:?}")))?
-        .max(1) as i64;
+    let resident = attend.resident;
     let blocks = geo.n_rows * tiles * geo.hkv * nchunks;
     let max_splits = ((geo.max_keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
     let nsplit = ((resident * k.sm_count + blocks - 1) / blocks.max(1)).clamp(1, max_splits);
@@ -197,10 +195,10 @@ pub(crate) fn launch(
     let stream = k.torch_stream(device)?;
     let cfg = LaunchConfig {
         grid_dim: (tiles as u32, geo.n_rows as u32, z as u32),
-        block_dim: ((WARPS * 32) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
-    let mut b = stream.launch_builder(&attend);
+    let mut b = stream.launch_builder(&attend.func);
     b.arg(&p);
     #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
     // SAFETY: the callers checked every pointer's tensor (dtype, device, contiguity, shape) and
@@ -208,13 +206,14 @@ pub(crate) fn launch(
     // orders reuse after it.
     unsafe { b.launch(cfg) }.map_err(|e| Error::Driver(format!("{e:?}")))?;
     if nsplit > 1 {
-        let combine = k.function(&format!("attn_combine_{name}_{hd}"), 0)?;
+        let threads = hd.min(128) as u32;
+        let combine = k.function(&format!("attn_combine_{name}_{hd}"), threads, 0)?;
         let cfg = LaunchConfig {
             grid_dim: (geo.total_tokens as u32, (geo.hkv * geo.group) as u32, 1),
-            block_dim: (hd.min(128) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = stream.launch_builder(&combine);
+        let mut b = stream.launch_builder(&combine.func);
         b.arg(&p);
         #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
         // SAFETY: as above; part_o/part_lse live until the end of this function, after the launch

@@ -134,7 +134,7 @@ pub struct Kernels {
     /// The device's primary context (libtorch's).
     pub ctx: Arc<CudaContext>,
     module: Arc<CudaModule>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    functions: Mutex<HashMap<String, Loaded>>,
     /// Multiprocessors.
     pub sm_count: i64,
 }
@@ -190,24 +190,40 @@ pub fn kernels(ordinal: usize, variant: Variant) -> Result<Arc<Kernels>, Error> 
     Ok(k)
 }
 
+/// A loaded kernel and how many of its blocks fit on one multiprocessor.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The kernel.
+    pub func: CudaFunction,
+    /// Resident blocks per multiprocessor at the block size and shared memory it was loaded
+    /// for (at least 1).
+    pub resident: i64,
+}
+
 impl Kernels {
-    /// A kernel by name, with its dynamic shared-memory limit raised to `smem` bytes.
-    pub fn function(&self, name: &str, smem: u32) -> Result<CudaFunction, Error> {
+    /// A kernel by name, with its dynamic shared-memory limit raised to `smem` bytes and its
+    /// occupancy at `threads` per block, both fixed per name (loaded and queried once).
+    pub fn function(&self, name: &str, threads: u32, smem: u32) -> Result<Loaded, Error> {
         let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(func) = f.get(name) {
-            return Ok(func.clone());
+        if let Some(loaded) = f.get(name) {
+            return Ok(loaded.clone());
         }
-        let func =
-            self.module.load_function(name).map_err(|e| Error::Driver(format!("{name}: {e:?}")))?;
+        let driver = |e: cudarc::driver::DriverError| Error::Driver(format!("{name}: {e:?}"));
+        let func = self.module.load_function(name).map_err(driver)?;
         if smem > 48 * 1024 {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
-            .map_err(|e| Error::Driver(format!("{name}: {e:?}")))?;
+            .map_err(driver)?;
         }
-        f.insert(name.to_string(), func.clone());
-        Ok(func)
+        let resident = func
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
+            .map_err(driver)?
+            .max(1) as i64;
+        let loaded = Loaded { func, resident };
+        f.insert(name.to_string(), loaded.clone());
+        Ok(loaded)
     }
 
     /// libtorch's current stream on `ordinal`, borrowed.
