@@ -3,5 +3,5 @@
 //! memory statistics, which tch does not bind.
 fn main() {
     attention_build::link_libtorch();
-    attention_build::compile_libtorch_shim("attention_core_shim", &["shim/shim.cpp"]);
+    attention_build::compile_libtorch_shim("attention_core_shim", &["shim/shim.cpp"], &[]);
 }

@@ -70,9 +70,10 @@ pub fn libtorch_include_dirs() -> Vec<PathBuf> {
 }
 
 /// Compiles C++ files against the libtorch headers (C++17, the CXX11 ABI libtorch uses) into a
-/// static library `name` linked into the calling crate. Only public ATen/torch APIs belong in
-/// such a shim: libtorch's private ABI changes with every release.
-pub fn compile_libtorch_shim(name: &str, files: &[&str]) {
+/// static library `name` linked into the calling crate, with `extra_includes` searched after
+/// libtorch's (e.g. the CUDA runtime headers that libtorch's CUDA headers need). Only public
+/// ATen/torch APIs belong in such a shim: libtorch's private ABI changes with every release.
+pub fn compile_libtorch_shim(name: &str, files: &[&str], extra_includes: &[PathBuf]) {
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -82,6 +83,7 @@ pub fn compile_libtorch_shim(name: &str, files: &[&str]) {
         .std("c++17")
         .warnings(false)
         .includes(libtorch_include_dirs())
+        .includes(extra_includes)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag_if_supported("-Wno-unused-parameter")
         .files(files)

@@ -56,7 +56,7 @@ mod imp {
     use anyhow::{Context, Result, bail};
     use attention_core::inference::{RotaryCosSin, StaticDecodeStep};
     use attention_core::rotary::apply_rotary_pos_emb;
-    use attention_cuda::decode::{CudaFlashDecode, CudaPagedAttention};
+    use attention_cuda::decode::{CudaFlashDecode, CudaPagedAttention, KernelPath};
     use attention_spec::module::{AttnMaskType, CoreAttention, CoreAttentionInput, PagedKv};
     use serde_json::{Value, json};
     use tch::{Device, Kind, Tensor};
@@ -332,10 +332,15 @@ mod imp {
                 };
                 let bytes =
                     (2 * b * l * hkv * hd * 2 + 2 * b * hq * hd * 2 + 2 * b * hkv * hd * 2) as f64;
-                let ours = time(device, reps, 20, || {
-                    let _ = CudaFlashDecode.run(&step)?;
-                    Ok(())
-                })?;
+                let run = |path| {
+                    time(device, reps, 20, || {
+                        let _ = CudaFlashDecode::with_path(path).run(&step)?;
+                        Ok(())
+                    })
+                };
+                let ours = run(KernelPath::Auto)?;
+                let cuda_cores = run(KernelPath::CudaCores)?;
+                let tensor_cores = run(KernelPath::TensorCores)?;
                 // SDPA decode on contiguous [B, L, Hkv, D] memory (no rotary, no append).
                 let kb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
                 let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
@@ -386,7 +391,12 @@ mod imp {
                         100.0 * gbs(ours) / copy
                     ),
                     ("flash_decode", gbs(ours)),
-                    &[("sdpa contiguous", gbs(sdpa)), ("libtorch ops", gbs(ops))],
+                    &[
+                        ("cuda cores", gbs(cuda_cores)),
+                        ("tensor cores", gbs(tensor_cores)),
+                        ("sdpa contiguous", gbs(sdpa)),
+                        ("libtorch ops", gbs(ops)),
+                    ],
                     "GB/s",
                 );
             }
@@ -453,10 +463,16 @@ mod imp {
                     let bytes = (2 * b * l * hkv * hd * 2
                         + 2 * b * hq * hd * 2
                         + 4 * m.table.numel() as i64) as f64;
-                    let ours = time(device, reps, 20, || {
-                        let _ = kernel.run(&input, &pk)?;
-                        Ok(())
-                    })?;
+                    let run = |path| {
+                        let kernel = kernel.with_path(path);
+                        time(device, reps, 20, || {
+                            let _ = kernel.run(&input, &pk)?;
+                            Ok(())
+                        })
+                    };
+                    let ours = run(KernelPath::Auto)?;
+                    let cuda_cores = run(KernelPath::CudaCores)?;
+                    let tensor_cores = run(KernelPath::TensorCores)?;
                     // Baseline: gather the pages, then SDPA.
                     let per = m.table.size()[1];
                     let idx = m.table.to_kind(Kind::Int64).view([-1]);
@@ -489,7 +505,11 @@ mod imp {
                         "paged",
                         format!("bs{bs} {hq}/{hkv} {b}x{l} {:.0}% copy", 100.0 * gbs(ours) / copy),
                         ("paged kernel", gbs(ours)),
-                        &[("gather+sdpa", gbs(base))],
+                        &[
+                            ("cuda cores", gbs(cuda_cores)),
+                            ("tensor cores", gbs(tensor_cores)),
+                            ("gather+sdpa", gbs(base)),
+                        ],
                         "GB/s",
                     );
                 }
@@ -574,6 +594,73 @@ mod imp {
             &[("two calls", separate * 1e3)],
             "ms",
         );
+        // A whole prompt prefilled through the paged kernel (appending its keys and values)
+        // against SDPA's default backend on contiguous memory, causal.
+        for s in [1024i64, 4096] {
+            let m = paged_memory(1, s, hkv, hd, bs, device);
+            let cu = Tensor::from_slice(&[0i32, s as i32]).to_device(device);
+            let q = bf16(&[s, 1, hq, hd], device);
+            let k = bf16(&[s, 1, hkv, hd], device);
+            let v = bf16(&[s, 1, hkv, hd], device);
+            let flops = 2.0 * (hq * s * s * hd) as f64;
+            let mut per_path = Vec::new();
+            for path in [KernelPath::Auto, KernelPath::CudaCores, KernelPath::TensorCores] {
+                let kernel = kernel.with_path(path);
+                let input = CoreAttentionInput {
+                    query: &q,
+                    key: &k,
+                    value: &v,
+                    attention_mask: None,
+                    attn_mask_type: AttnMaskType::Causal,
+                    attention_bias: None,
+                    packed_seq_params: None,
+                    training: false,
+                };
+                let n = Tensor::arange(s, (Kind::Int64, device));
+                let pk = PagedKv {
+                    key_cache: &m.kc,
+                    value_cache: &m.vc,
+                    slot_mapping: &n,
+                    block_table: &m.table,
+                    cu_seqlens_q: &cu,
+                    seqlens_k: &m.kv_len,
+                    max_seqlen_q: s,
+                    max_seqlen_k: s,
+                };
+                per_path.push(time(device, reps, 5, || {
+                    let _ = kernel.run(&input, &pk)?;
+                    Ok(())
+                })?);
+            }
+            let (qb, kb, vb) =
+                (q.view([1, s, hq, hd]), k.view([1, s, hkv, hd]), v.view([1, s, hkv, hd]));
+            let (qb, kb, vb) = (qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2));
+            let sdpa = time(device, reps, 5, || {
+                let _ = Tensor::scaled_dot_product_attention(
+                    &qb,
+                    &kb,
+                    &vb,
+                    None::<Tensor>,
+                    0.0,
+                    true,
+                    None,
+                    true,
+                );
+                Ok(())
+            })?;
+            let tf = |t: f64| flops / t / 1e12;
+            report.add(
+                "prefill",
+                format!("paged {hq}/{hkv} hd{hd} s{s} causal"),
+                ("paged kernel", tf(per_path[0])),
+                &[
+                    ("cuda cores", tf(per_path[1])),
+                    ("tensor cores", tf(per_path[2])),
+                    ("sdpa contiguous", tf(sdpa)),
+                ],
+                "TFLOP/s",
+            );
+        }
         Ok(())
     }
 }

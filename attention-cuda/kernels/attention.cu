@@ -54,14 +54,26 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
-// 16-byte global -> shared copy that bypasses registers and L1 (sm_80+).
+// 16-byte global -> shared copy that bypasses registers and L1 (sm_80+). With
+// -DATTN_SYNC_COPY (ATTENTION_CUDA_SYNC_COPIES=1) it is a plain load and store, for tools that
+// cannot follow cp.async (compute-sanitizer's racecheck); the barriers stay as they are.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+#ifdef ATTN_SYNC_COPY
+  *reinterpret_cast<uint4*>(smem_dst) = *reinterpret_cast<const uint4*>(gmem_src);
+#else
   unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+#endif
 }
+#ifdef ATTN_SYNC_COPY
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif
 
 // Element offset of key position t of (row, group) in the cache.
 template <bool PAGED>
@@ -87,6 +99,74 @@ __device__ __forceinline__ void rotate(float* x, int hd, const Params& p, int po
     float xa = x[a], xb = x[b], c = cs[i], s = sn[i];
     x[a] = xa * c - xb * s;
     x[b] = xb * c + xa * s;
+  }
+}
+
+// Copies key tile [base, base + KT) of (row, group g) into one shared-memory stage (rows of
+// ROW elements) and commits it as one cp.async group. Cached positions and the step's new
+// tokens (positions >= cached, read from the new-key/value inputs) go through cp.async (16
+// bytes each, no register round trip); the static cache's new key (the rotated fp32 `snew`)
+// and positions >= end (zeros, so that masked keys never carry NaN into the value product)
+// through plain stores. The trip count is a compile-time constant, so the address arithmetic
+// (block-table reads of the paged cache) of all of a thread's copies is issued up front.
+template <typename T, int HD, int KT, int ROW, int NTHREADS, bool PAGED>
+__device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int base, int end, int cached, int row,
+                                             int g, int q0, const float* snew, const T* knew, const T* vnew,
+                                             const T* kc, const T* vc) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int CHUNKS = KT * (HD / VEC);
+  static_assert(CHUNKS % NTHREADS == 0, "tile copy shape");
+#pragma unroll
+  for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
+    const int i = it * NTHREADS + threadIdx.x;
+    const int j = i / (HD / VEC), c = (i % (HD / VEC)) * VEC;
+    const int t = base + j;
+    T* dk = sk + j * ROW + c;
+    T* dv = sv + j * ROW + c;
+    if (t < end && t < cached) {
+      const long long off = cache_offset<PAGED>(p, row, g, t, HD) + c;
+      cp_async16(dk, kc + off);
+      cp_async16(dv, vc + off);
+    } else if (t < end) {
+      const long long src = ((long long)(q0 + t - cached) * p.hkv + g) * HD + c;
+      cp_async16(dv, vnew + src);
+      if (PAGED) {
+        cp_async16(dk, knew + src);
+      } else {
+        T tmp[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) tmp[e] = from_f<T>(snew[c + e]);
+        *reinterpret_cast<uint4*>(dk) = *reinterpret_cast<uint4*>(tmp);
+      }
+    } else {
+      *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  cp_async_commit();
+}
+
+// Appends new tokens [t0, t0 + ntok) of (row, group g) to the cache, 16 bytes at a time: the
+// keys from the new-key input (paged) or the rotated fp32 `snew` (static, one token), the
+// values from the new-value input. Each (row, group, token tile) is appended by one block, and
+// no block reads a new token from the cache (they come from the inputs), so there is no race.
+template <typename T, int HD, bool PAGED>
+__device__ __forceinline__ void append_tokens(const Params& p, int row, int g, int q0, int cached, int t0, int ntok,
+                                              const float* snew, const T* knew, const T* vnew, T* kc, T* vc) {
+  constexpr int VEC = 16 / sizeof(T);
+  for (int i = threadIdx.x; i < ntok * (HD / VEC); i += THREADS) {
+    const int j = t0 + i / (HD / VEC), c = (i % (HD / VEC)) * VEC;
+    const long long dst = cache_offset<PAGED>(p, row, g, cached + j, HD) + c;
+    const long long src = ((long long)(q0 + j) * p.hkv + g) * HD + c;
+    *reinterpret_cast<uint4*>(vc + dst) = *reinterpret_cast<const uint4*>(vnew + src);
+    if (PAGED) {
+      *reinterpret_cast<uint4*>(kc + dst) = *reinterpret_cast<const uint4*>(knew + src);
+    } else {
+      T tmp[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) tmp[e] = from_f<T>(snew[c + e]);
+      *reinterpret_cast<uint4*>(kc + dst) = *reinterpret_cast<uint4*>(tmp);
+    }
   }
 }
 
@@ -169,16 +249,8 @@ __device__ void attend(const Params& p) {
     __syncthreads();
   }
 
-  // 2. The owner block appends the new keys and values of this group to the cache.
-  if (tile == 0 && chunk == 0 && split == 0) {
-    for (int i = threadIdx.x; i < lq * HD; i += THREADS) {
-      int j = i / HD, d = i % HD;
-      long long dst = cache_offset<PAGED>(p, row, g, cached + j, HD) + d;
-      long long src = ((long long)(q0 + j) * p.hkv + g) * HD + d;
-      kc[dst] = PAGED ? knew[src] : from_f<T>(snew[d]);
-      vc[dst] = vnew[src];
-    }
-  }
+  // 2. The first head chunk's first split appends this tile's new keys and values.
+  if (chunk == 0 && split == 0) append_tokens<T, HD, PAGED>(p, row, g, q0, cached, t0, ntok, snew, knew, vnew, kc, vc);
 
   // 3. Key range of this split, up to the last key any token of the tile may see.
   const int limit = cached + t0 + ntok;  // exclusive
@@ -195,39 +267,10 @@ __device__ void attend(const Params& p) {
     for (int e = 0; e < PER_LANE; ++e) acc[k][e] = 0.f;
   }
 
-  // 3a. Issues the copies of key tile `base` into stage `st`: cached positions with cp.async
-  //     (16 bytes each, no register round trip), the step's new tokens and padding with stores.
+  // 3a. Issues the copies of key tile `base` into stage `st`.
   auto load_tile = [&](int base, int st) {
-    T* sk = sk_buf + st * KT * ROW;
-    T* sv = sv_buf + st * KT * ROW;
-    for (int i = threadIdx.x; i < KT * (HD / VEC); i += THREADS) {
-      int j = i / (HD / VEC), c = (i % (HD / VEC)) * VEC;
-      int t = base + j;
-      T* dk = sk + j * ROW + c;
-      T* dv = sv + j * ROW + c;
-      if (t < end && t < cached) {
-        long long off = cache_offset<PAGED>(p, row, g, t, HD) + c;
-        cp_async16(dk, kc + off);
-        cp_async16(dv, vc + off);
-      } else {
-        uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-        if (t < end) {
-          long long src = ((long long)(q0 + t - cached) * p.hkv + g) * HD + c;
-          vv = *reinterpret_cast<const uint4*>(vnew + src);
-          if (PAGED) {
-            kv = *reinterpret_cast<const uint4*>(knew + src);
-          } else {
-            T tmp[VEC];
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) tmp[e] = from_f<T>(snew[c + e]);
-            kv = *reinterpret_cast<uint4*>(tmp);
-          }
-        }
-        *reinterpret_cast<uint4*>(dk) = kv;
-        *reinterpret_cast<uint4*>(dv) = vv;
-      }
-    }
-    cp_async_commit();
+    load_kv_tile<T, HD, KT, ROW, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
+                                                 cached, row, g, q0, snew, knew, vnew, kc, vc);
   };
 
   // Lane = part * KPW + kk: the 8 lanes of a 16-byte shared-memory access phase read the same
@@ -366,6 +409,363 @@ __device__ void attend(const Params& p) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant (bf16 / f16, head dim <= 128): the block's (token, head) pairs are the M
+// rows of m16n8k16 MMAs (16 * MW of them; pairs beyond the block's count are zero rows), so a
+// key/value row costs a few MMA and ldmatrix instructions shared by all of a group's heads
+// instead of a fp32 dot product per head. MW warps split the rows (16 each) and WARPS / MW
+// split every key tile (KW slices of 16-key chunks), with an online softmax per row in fp32;
+// the key slices are merged at the end. Decode uses MW = 1 (all four warps on one 16-row
+// tile, a quarter of each key tile each); chunked prefill uses MW = 4 (FlashAttention-2's
+// split: every warp sees every key). Queries are rounded to the element type once, after
+// rotary; probabilities are rounded to it for the value product, with fp32 accumulation.
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* ptr) {
+  unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* ptr) {
+  unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// d += a (16x16, row-major fragment) * b (16x8, column-major fragment), fp32 accumulate.
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+  }
+  static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+  }
+  static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Channel d of head vector x after rotary at position pos (fp32; unchanged without rotary or
+// outside the rotated channels): Megatron's x * cos + rotate_half(x) * sin.
+template <typename T>
+__device__ __forceinline__ float rotated(const T* x, int d, const Params& p, int pos) {
+  const int r = p.rot_half;
+  if (r == 0 || d >= 2 * r) return to_f(x[d]);
+  int i, partner;
+  float sign;
+  if (p.interleaved) {
+    i = d / 2;
+    partner = d ^ 1;
+    sign = (d & 1) ? 1.f : -1.f;
+  } else {
+    i = d < r ? d : d - r;
+    partner = d < r ? d + r : d - r;
+    sign = d < r ? -1.f : 1.f;
+  }
+  const float c = reinterpret_cast<const float*>(p.cos)[(long long)pos * r + i];
+  const float s = reinterpret_cast<const float*>(p.sin)[(long long)pos * r + i];
+  return to_f(x[d]) * c + sign * to_f(x[partner]) * s;
+}
+
+// Keys per shared-memory stage of the tensor-core kernel, and the most rows of a block.
+constexpr int MMA_KT = 64;
+constexpr int MMA_ROWS = 64;
+
+template <typename T, int HD, int MW, bool PAGED>
+__device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0, int lq, int cached, int t0, int ntok,
+                                                int g, int h0, int nh, bool owner) {
+  constexpr int VEC = 8;          // 16-bit elements per 16-byte vector
+  constexpr int ROW = HD + VEC;   // padded shared-memory row: ldmatrix phases hit 8 distinct banks
+  constexpr int KT = MMA_KT;
+  constexpr int KW = WARPS / MW;  // warps splitting each key tile
+  constexpr int KPW = KT / KW;    // keys per warp per stage (16, 32 or 64)
+  constexpr int ROWS = 16 * MW;   // (token, head) pairs per block
+  constexpr int KS = HD / 16;     // k-steps of the scores
+  constexpr int NT = HD / 8;      // n-tiles of the output
+  constexpr int AROW = HD + 4;    // fp32 merge row (padded)
+  static_assert(sizeof(T) == 2 && HD % 16 == 0 && KPW % 16 == 0, "tile shape");
+  static_assert(KT == MMA_KT && ROWS <= MMA_ROWS, "tile shape");
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sk_buf = reinterpret_cast<T*>(smem);  // [2][KT][ROW]
+  T* sv_buf = sk_buf + 2 * KT * ROW;       // [2][KT][ROW]
+  // The queries go through stage 1's key tile (they are in registers before it is loaded);
+  // the fp32 new key of the static cache lives past the stages and the merge area.
+  T* sq = sk_buf + KT * ROW;  // [ROWS][ROW]
+  constexpr int STAGES_BYTES = 4 * KT * ROW * 2;
+  constexpr int MERGE_BYTES = (KW * ROWS * AROW + 2 * KW * ROWS) * 4;
+  constexpr int FRONT = STAGES_BYTES > MERGE_BYTES ? STAGES_BYTES : MERGE_BYTES;
+  float* snew = reinterpret_cast<float*>(smem + FRONT);
+
+  const int split = blockIdx.z % p.nsplit;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int mw = warp % MW, kw = warp / MW;
+  const int pairs = ntok * nh;
+
+  const T* knew = reinterpret_cast<const T*>(p.k_new);
+  const T* vnew = reinterpret_cast<const T*>(p.v_new);
+  T* kc = reinterpret_cast<T*>(p.k_cache);
+  T* vc = reinterpret_cast<T*>(p.v_cache);
+
+  // 1. Queries (rotated in the static cache, then rounded) and the new key (fp32).
+  const T* qg = reinterpret_cast<const T*>(p.q);
+  for (int i = threadIdx.x; i < ROWS * HD; i += THREADS) {
+    int pi = i / HD, d = i % HD;
+    float v = 0.f;
+    if (pi < pairs) {
+      const T* x = qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD;
+      v = PAGED ? to_f(x[d]) : rotated(x, d, p, cached);
+    }
+    sq[pi * ROW + d] = from_f<T>(v);
+  }
+  if (!PAGED) {
+    for (int d = threadIdx.x; d < HD; d += THREADS) snew[d] = rotated(knew + ((long long)row * p.hkv + g) * HD, d, p, cached);
+  }
+  __syncthreads();
+
+  // 2. The first head chunk's first split appends this tile's new keys and values.
+  if (owner) append_tokens<T, HD, PAGED>(p, row, g, q0, cached, t0, ntok, snew, knew, vnew, kc, vc);
+
+  const int limit = cached + t0 + ntok;
+  const int start = split * p.split_len;
+  const int end = min(limit, start + p.split_len);
+  auto load_tile = [&](int base, int st) {
+    load_kv_tile<T, HD, KT, ROW, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
+                                                 cached, row, g, q0, snew, knew, vnew, kc, vc);
+  };
+  if (start < end) load_tile(start, 0);
+
+  // The warp's query fragments, kept in registers for the whole key loop.
+  const int gq = lane / 4, tq = lane % 4;
+  unsigned qa[KS][4];
+  {
+    const T* base = sq + (mw * 16 + ((lane / 8) & 1) * 8 + lane % 8) * ROW + (lane / 16) * 8;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) ldsm_x4(qa[ks], base + ks * 16);
+  }
+  __syncthreads();  // every warp has its queries before stage 1 is overwritten
+  // Last key each of this thread's two rows (gq, gq + 8) may see; -1 for padding rows.
+  int qlim[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int pi = mw * 16 + gq + 8 * h;
+    qlim[h] = pi < pairs ? cached + t0 + pi / nh : -1;
+  }
+  int wlim = max(qlim[0], qlim[1]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) wlim = max(wlim, __shfl_xor_sync(0xffffffff, wlim, o));
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  // ldmatrix row addresses: keys as the n dimension of the scores (non-transposed), keys as
+  // the k dimension of the value product (transposed).
+  const int k_row = (lane / 16) * 8 + lane % 8, k_col = ((lane / 8) & 1) * 8;
+  const int v_row = ((lane / 8) & 1) * 8 + lane % 8, v_col = (lane / 16) * 8;
+
+  for (int base = start, stage = 0; base < end; base += KT, stage ^= 1) {
+    if (base + KT < end) {
+      load_tile(base + KT, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    // The warp's KPW keys of this stage, one online-softmax step (one rescale) for all of them.
+    constexpr int NC = KPW / 16;  // 16-key chunks
+    const int off = kw * KPW;     // the warp's first key within the stage
+    const int kb0 = base + off;   // its position
+    if (kb0 < end && kb0 <= wlim) {  // warp-uniform: otherwise every key is masked
+      const T* sk = sk_buf + (stage * KT + off) * ROW;
+      const T* sv = sv_buf + (stage * KT + off) * ROW;
+      // 3b. Scores of the warp's 16 rows against its keys (two n-tiles of 8 per chunk);
+      //     chunks past the last visible key are skipped.
+      float s[2 * NC][4];
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[2 * c][e] = s[2 * c + 1][e] = 0.f;
+        const int kb = kb0 + c * 16;
+        if (kb < end && kb <= wlim) {
+#pragma unroll
+          for (int ks = 0; ks < KS; ++ks) {
+            unsigned b[4];
+            ldsm_x4(b, sk + (c * 16 + k_row) * ROW + k_col + ks * 16);
+            Mma<T>::run(s[2 * c], qa[ks], b[0], b[1]);
+            Mma<T>::run(s[2 * c + 1], qa[ks], b[2], b[3]);
+          }
+        }
+      }
+      // 3c. Mask, scale, online softmax per row (4 lanes share a row).
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < 2 * NC; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2, key = kb0 + j * 8 + 2 * tq + (e & 1);
+          const float v = (key < end && key <= qlim[h]) ? s[j][e] * p.scale_log2 : -INFINITY;
+          s[j][e] = v;
+          mx[h] = fmaxf(mx[h], v);
+        }
+      }
+      float corr[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+        const float m_new = fmaxf(m[h], mx[h]);
+        const float ref = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+        corr[h] = exp2f(m[h] - ref);
+        m[h] = m_new;
+        mx[h] = ref;
+      }
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 2 * NC; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = exp2f(s[j][e] - mx[e / 2]);
+          rs[e / 2] += s[j][e];
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + rs[h];
+      // Once the maxima settle, corr is exactly 1 for every row: skip the rescale.
+      if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[n][0] *= corr[0];
+          acc[n][1] *= corr[0];
+          acc[n][2] *= corr[1];
+          acc[n][3] *= corr[1];
+        }
+      }
+      // 3d. Probabilities as A fragments (the score layout of two n-tiles is the A layout of
+      //     one k-step), times the values.
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const int kb = kb0 + c * 16;
+        if (kb < end && kb <= wlim) {
+          const unsigned pa[4] = {Mma<T>::pack(s[2 * c][0], s[2 * c][1]), Mma<T>::pack(s[2 * c][2], s[2 * c][3]),
+                                  Mma<T>::pack(s[2 * c + 1][0], s[2 * c + 1][1]),
+                                  Mma<T>::pack(s[2 * c + 1][2], s[2 * c + 1][3])};
+#pragma unroll
+          for (int dn = 0; dn < HD / 16; ++dn) {
+            unsigned b[4];
+            ldsm_x4_trans(b, sv + (c * 16 + v_row) * ROW + v_col + dn * 16);
+            Mma<T>::run(acc[2 * dn], pa, b[0], b[1]);
+            Mma<T>::run(acc[2 * dn + 1], pa, b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // 4. Merge the key slices (rows' maxima, sums and outputs through shared memory, reusing
+  //    the stages), then write the output (one split) or the partial output and lse.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
+  }
+  float* aa = reinterpret_cast<float*>(smem);  // [KW][ROWS][AROW]
+  float* mm = aa + KW * ROWS * AROW;           // [KW][ROWS]
+  float* ll = mm + KW * ROWS;                  // [KW][ROWS]
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = kw * ROWS + mw * 16 + gq + 8 * h;
+    if (tq == 0) {
+      mm[r] = m[h];
+      ll[r] = l[h];
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      *reinterpret_cast<float2*>(aa + r * AROW + n * 8 + 2 * tq) = make_float2(acc[n][2 * h], acc[n][2 * h + 1]);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < pairs * HD; i += THREADS) {
+    int k = i / HD, d = i % HD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w2 = 0; w2 < KW; ++w2) mx = fmaxf(mx, mm[w2 * ROWS + k]);
+    float lsum = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w2 = 0; w2 < KW; ++w2) {
+        float f = exp2f(mm[w2 * ROWS + k] - mx);
+        lsum += ll[w2 * ROWS + k] * f;
+        o += aa[(w2 * ROWS + k) * AROW + d] * f;
+      }
+    }
+    long long tok = q0 + t0 + k / nh;
+    int head = h0 + k % nh;
+    float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    if (p.nsplit == 1) {
+      reinterpret_cast<T*>(p.out)[(tok * p.hq + head) * HD + d] = from_f<T>(o * inv);
+    } else {
+      long long slot = ((long long)split * p.total_tokens + tok) * p.hq + head;
+      reinterpret_cast<float*>(p.part_o)[slot * HD + d] = o * inv;
+      if (d == 0) reinterpret_cast<float*>(p.part_lse)[slot] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
+    }
+  }
+}
+
+// The tensor-core kernel: the block's pairs decide how its warps split rows and keys.
+template <typename T, int HD, bool PAGED>
+__device__ void attend_mma(const Params& p) {
+  const int row = blockIdx.y;
+  const int tile = blockIdx.x;
+  const int chunk = (blockIdx.z / p.nsplit) % p.nchunks;
+  const int g = blockIdx.z / (p.nsplit * p.nchunks);
+  int q0, lq, kv_total;
+  if (PAGED) {
+    const int* cu = reinterpret_cast<const int*>(p.cu_q);
+    q0 = cu[row];
+    lq = cu[row + 1] - q0;
+    kv_total = reinterpret_cast<const int*>(p.kv_len)[row];
+  } else {
+    q0 = row;
+    lq = 1;
+    kv_total = reinterpret_cast<const int*>(p.kv_len)[row] + 1;  // offsets[b] cached + the new token
+  }
+  const int cached = kv_total - lq;
+  const int t0 = tile * p.tokens_per_tile;
+  if (t0 >= lq) return;
+  const int ntok = min(p.tokens_per_tile, lq - t0);
+  const int h0 = g * p.group + chunk * p.heads_per_chunk;
+  const int nh = min(p.heads_per_chunk, p.group - chunk * p.heads_per_chunk);
+  const int pairs = ntok * nh;
+  const bool owner = chunk == 0 && blockIdx.z % p.nsplit == 0;
+  if (pairs <= 16) {
+    attend_mma_rows<T, HD, 1, PAGED>(p, row, q0, lq, cached, t0, ntok, g, h0, nh, owner);
+  } else if (pairs <= 32) {
+    attend_mma_rows<T, HD, 2, PAGED>(p, row, q0, lq, cached, t0, ntok, g, h0, nh, owner);
+  } else {
+    attend_mma_rows<T, HD, 4, PAGED>(p, row, q0, lq, cached, t0, ntok, g, h0, nh, owner);
+  }
+}
+
 // Merges the splits: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M). Grid (tokens, heads).
 template <typename T, int HD>
 __device__ void combine(const Params& p) {
@@ -388,7 +788,8 @@ __device__ void combine(const Params& p) {
   }
 }
 
-// Entry points: attn_{static|paged}_{bf16|f16|f32}_{head dim}_p{pairs},
+// Entry points: attn_{static|paged}_{bf16|f16|f32}_{head dim}_p{pairs} (CUDA cores),
+// attn_{static|paged}_{bf16|f16}_{head dim}_mma (tensor cores, head dim <= 128),
 // attn_combine_{dtype}_{head dim}.
 #define ATTN_ATTEND(TNAME, T, HD, P)                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_p##P(Params p) { \
@@ -396,6 +797,13 @@ __device__ void combine(const Params& p) {
   }                                                                                                     \
   extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD##_p##P(Params p) {  \
     attend<T, HD, P, true>(p);                                                                          \
+  }
+#define ATTN_ATTEND_MMA(TNAME, T, HD)                                                                  \
+  extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_mma(Params p) { \
+    attend_mma<T, HD, false>(p);                                                                      \
+  }                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD##_mma(Params p) {  \
+    attend_mma<T, HD, true>(p);                                                                       \
   }
 #define ATTN_COMBINE(TNAME, T, HD) \
   extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); }
@@ -406,8 +814,8 @@ __device__ void combine(const Params& p) {
   ATTN_ATTEND(TNAME, T, HD, 4)         \
   ATTN_ATTEND(TNAME, T, HD, 8)
 
-// One variant per compilation (-DATTN_TNAME=bf16 -DATTN_T=__nv_bfloat16 -DATTN_HD=128
-// -DATTN_PAIRS=4), or every variant with -DATTN_ALL.
+// One variant per compilation (-DATTN_TNAME=bf16 -DATTN_T=__nv_bfloat16 -DATTN_HD=128, then
+// -DATTN_PAIRS=4 or -DATTN_MMA), or every variant with -DATTN_ALL.
 #if defined(ATTN_ALL)
 ATTN_EVERY_PAIRS(bf16, __nv_bfloat16, 32)
 ATTN_EVERY_PAIRS(bf16, __nv_bfloat16, 64)
@@ -421,6 +829,15 @@ ATTN_EVERY_PAIRS(f32, float, 32)
 ATTN_EVERY_PAIRS(f32, float, 64)
 ATTN_EVERY_PAIRS(f32, float, 128)
 ATTN_EVERY_PAIRS(f32, float, 256)
+ATTN_ATTEND_MMA(bf16, __nv_bfloat16, 32)
+ATTN_ATTEND_MMA(bf16, __nv_bfloat16, 64)
+ATTN_ATTEND_MMA(bf16, __nv_bfloat16, 128)
+ATTN_ATTEND_MMA(f16, __half, 32)
+ATTN_ATTEND_MMA(f16, __half, 64)
+ATTN_ATTEND_MMA(f16, __half, 128)
+#elif defined(ATTN_TNAME) && defined(ATTN_MMA)
+#define ATTN_EXPAND_MMA(TN, T, HD) ATTN_COMBINE(TN, T, HD) ATTN_ATTEND_MMA(TN, T, HD)
+ATTN_EXPAND_MMA(ATTN_TNAME, ATTN_T, ATTN_HD)
 #elif defined(ATTN_TNAME)
 #define ATTN_EXPAND(TN, T, HD, P) ATTN_COMBINE(TN, T, HD) ATTN_ATTEND(TN, T, HD, P)
 ATTN_EXPAND(ATTN_TNAME, ATTN_T, ATTN_HD, ATTN_PAIRS)

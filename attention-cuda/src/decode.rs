@@ -7,6 +7,7 @@ use attention_spec::module::{CoreAttention, CoreAttentionInput, PagedKv};
 use tch::{Kind, Tensor};
 
 use crate::Error;
+pub use crate::KernelPath;
 use crate::launch::{
     Geometry, Params, check_head_dim, check_tensor, cuda_index, dtype_name, launch,
 };
@@ -18,7 +19,17 @@ fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
 
 /// The static-cache decode kernel (Megatron's `flash_decode`).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CudaFlashDecode;
+pub struct CudaFlashDecode {
+    /// Which kernel runs the step.
+    pub path: KernelPath,
+}
+
+impl CudaFlashDecode {
+    /// With an explicit kernel path (the default is [`KernelPath::Auto`]).
+    pub fn with_path(path: KernelPath) -> Self {
+        Self { path }
+    }
+}
 
 impl CudaFlashDecode {
     /// Runs one decode step; see [`StaticDecodeStep`].
@@ -110,7 +121,7 @@ impl CudaFlashDecode {
             max_keys: max_seq,
             total_tokens: b,
         };
-        launch(false, kind, hd, ordinal, p, geo)?;
+        launch(false, self.path, kind, hd, ordinal, p, geo)?;
         Ok(out)
     }
 }
@@ -125,12 +136,23 @@ impl FlashDecode for CudaFlashDecode {
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPagedAttention {
     scale: f64,
+    path: KernelPath,
 }
 
 impl CudaPagedAttention {
-    /// With a softmax scale.
+    /// With a softmax scale, on [`KernelPath::Auto`].
     pub fn new(scale: f64) -> Self {
-        Self { scale }
+        Self { scale, path: KernelPath::Auto }
+    }
+
+    /// The same with an explicit kernel path.
+    pub fn with_path(self, path: KernelPath) -> Self {
+        Self { path, ..self }
+    }
+
+    /// The kernel path.
+    pub fn path(&self) -> KernelPath {
+        self.path
     }
 
     /// Appends the step's keys and values and attends; see `CoreAttention::forward_paged`.
@@ -220,7 +242,7 @@ impl CudaPagedAttention {
             max_keys: paged.max_seqlen_k,
             total_tokens: t,
         };
-        launch(true, kind, hd, ordinal, p, geo)?;
+        launch(true, self.path, kind, hd, ordinal, p, geo)?;
         Ok(out)
     }
 }

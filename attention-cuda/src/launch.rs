@@ -4,10 +4,15 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use tch::{Device, Kind, Tensor};
 
 use crate::Error;
-use crate::runtime::{Variant, kernels};
+use crate::decode::KernelPath;
+use crate::runtime::{Tile, Variant, kernels};
 
-/// (token, head) pairs a block keeps (the kernels' `MAX_PAIRS`).
+/// (token, head) pairs a block of the CUDA-core kernel keeps at most.
 pub(crate) const MAX_PAIRS: i64 = 8;
+/// (token, head) pairs a block of the tensor-core kernel keeps at most (`MMA_ROWS`).
+const MMA_ROWS: i64 = 64;
+/// Keys per shared-memory stage of the tensor-core kernel (`MMA_KT`).
+const MMA_KT: i64 = 64;
 
 /// Keys per shared-memory stage (the kernels' `Tile::KT`).
 fn key_tile(hd: i64, elt: i64) -> i64 {
@@ -125,9 +130,37 @@ pub(crate) struct Geometry {
     pub total_tokens: i64,
 }
 
+/// Whether `path` runs on the tensor cores for this launch.
+fn use_tensor_cores(path: KernelPath, kind: Kind, hd: i64, geo: &Geometry) -> Result<bool, Error> {
+    let supported = matches!(kind, Kind::BFloat16 | Kind::Half) && [32, 64, 128].contains(&hd);
+    match path {
+        KernelPath::CudaCores => Ok(false),
+        KernelPath::TensorCores if supported => Ok(true),
+        KernelPath::TensorCores => Err(Error::Unsupported(format!(
+            "the tensor-core kernel with {kind:?} and head dimension {hd} (bfloat16 or float16, 32, 64 or 128)"
+        ))),
+        // One query row per key/value head (MHA decode) keeps the CUDA-core kernel: the MMA
+        // would waste 15 of its 16 rows.
+        KernelPath::Auto => Ok(supported && geo.group * geo.max_q.max(1) > 1),
+    }
+}
+
+/// How many splits of the key range `blocks` blocks get, with `slots` blocks resident at once.
+/// A launch of n splits takes about waves(n) / n of the unsplit time (a last wave of a few
+/// blocks takes as long as a full one); the fewest splits within 5% of the best such cost up
+/// to `max_splits` win (each split costs a block prologue and a share of the combine).
+fn split_count(blocks: i64, slots: i64, max_splits: i64) -> i64 {
+    let (blocks, slots) = (blocks.max(1), slots.max(1));
+    let cost = |n: i64| ((blocks * n + slots - 1) / slots) as f64 / n as f64;
+    let candidates = 1..=max_splits.clamp(1, 4096);
+    let best = candidates.clone().map(cost).fold(f64::INFINITY, f64::min);
+    candidates.into_iter().find(|&n| cost(n) <= 1.05 * best).unwrap_or(1)
+}
+
 /// Runs the attention kernel (and the split combine) on libtorch's stream.
 pub(crate) fn launch(
     paged: bool,
+    path: KernelPath,
     kind: Kind,
     hd: i64,
     device: usize,
@@ -135,29 +168,44 @@ pub(crate) fn launch(
     geo: Geometry,
 ) -> Result<(), Error> {
     let name = dtype_name(kind)?;
-    // Head chunks of at most MAX_PAIRS heads; tokens per tile fill the remaining pairs. The
-    // kernel is instantiated for the smallest power of two that holds a block's pairs.
-    let heads_per_chunk = geo.group.min(MAX_PAIRS);
-    let nchunks = (geo.group + heads_per_chunk - 1) / heads_per_chunk;
-    let tokens_per_tile = (MAX_PAIRS / heads_per_chunk).max(1).min(geo.max_q.max(1));
-    let pairs = ((tokens_per_tile * heads_per_chunk) as u64).next_power_of_two() as i64;
-    let tiles = (geo.max_q + tokens_per_tile - 1) / tokens_per_tile;
-    let k = kernels(device, Variant { dtype: name, head_dim: hd, pairs })?;
     let elt = kind.elt_size_in_bytes() as i64;
     let vec = 16 / elt;
-    let kt = key_tile(hd, elt);
-    // Two stages of keys and values (the warp merge reuses them), the queries, the new key.
-    let front = (4 * kt * (hd + vec) * elt).max(WARPS * pairs * (hd + 2) * 4);
-    let smem = (front + pairs * hd * 4 + hd * 4) as u32;
-    let kind_name = if paged { "paged" } else { "static" };
     let threads = (WARPS * 32) as u32;
-    let attend = k.function(&format!("attn_{kind_name}_{name}_{hd}_p{pairs}"), threads, smem)?;
-    // Split-KV: one full wave of resident blocks (memory latency is hidden across them), in
+    // Head chunks of at most a block's pairs; tokens per tile fill the remaining pairs.
+    let (variant, max_pairs, kt, smem) = if use_tensor_cores(path, kind, hd, &geo)? {
+        // Two stages of keys and values (the queries pass through one, the merge reuses them),
+        // then the static cache's fp32 new key.
+        let stages = 4 * MMA_KT * (hd + vec) * elt;
+        let merge = (MMA_ROWS * (hd + 4) + 2 * MMA_ROWS) * 4;
+        let smem = stages.max(merge) + hd * 4;
+        (Variant { dtype: name, head_dim: hd, tile: Tile::TensorCores }, MMA_ROWS, MMA_KT, smem)
+    } else {
+        let heads_per_chunk = geo.group.min(MAX_PAIRS);
+        let tokens_per_tile = (MAX_PAIRS / heads_per_chunk).max(1).min(geo.max_q.max(1));
+        let pairs = ((tokens_per_tile * heads_per_chunk) as u64).next_power_of_two() as i64;
+        let kt = key_tile(hd, elt);
+        // Two stages of keys and values (the warp merge reuses them), the queries, the new key.
+        let front = (4 * kt * (hd + vec) * elt).max(WARPS * pairs * (hd + 2) * 4);
+        let smem = front + pairs * hd * 4 + hd * 4;
+        (
+            Variant { dtype: name, head_dim: hd, tile: Tile::CudaCores { pairs } },
+            MAX_PAIRS,
+            kt,
+            smem,
+        )
+    };
+    let heads_per_chunk = geo.group.min(max_pairs);
+    let nchunks = (geo.group + heads_per_chunk - 1) / heads_per_chunk;
+    let tokens_per_tile = (max_pairs / heads_per_chunk).max(1).min(geo.max_q.max(1));
+    let tiles = (geo.max_q + tokens_per_tile - 1) / tokens_per_tile;
+    let k = kernels(device, variant)?;
+    let smem = smem as u32;
+    let attend = k.function(&variant.attend_name(paged), threads, smem)?;
+    // Split-KV over whole waves of resident blocks (memory latency is hidden across them), in
     // splits of at least MIN_SPLIT_KEYS keys.
-    let resident = attend.resident;
     let blocks = geo.n_rows * tiles * geo.hkv * nchunks;
     let max_splits = ((geo.max_keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
-    let nsplit = ((resident * k.sm_count + blocks - 1) / blocks.max(1)).clamp(1, max_splits);
+    let nsplit = split_count(blocks, attend.resident * k.sm_count, max_splits);
     let per_split = (geo.max_keys + nsplit - 1) / nsplit;
     let split_len = ((per_split + kt - 1) / kt * kt).max(kt);
     let nsplit = ((geo.max_keys + split_len - 1) / split_len).max(1);
@@ -222,4 +270,23 @@ pub(crate) fn launch(
     }
     drop((part_o, part_lse));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_count;
+
+    #[test]
+    fn splits_fill_whole_waves() {
+        // 8 key/value heads of one request on 132 multiprocessors x 3 blocks: 48 splits (384 of
+        // 396 slots), not 50 (400 blocks: a second wave of 4).
+        assert_eq!(split_count(8, 396, 512), 48);
+        // 32 heads: 12 splits (384), not 13 (416).
+        assert_eq!(split_count(32, 396, 512), 12);
+        // Short keys cap the splits; more blocks than slots need none unless they even out the waves.
+        assert_eq!(split_count(8, 396, 4), 4);
+        assert_eq!(split_count(1024, 396, 1), 1);
+        assert_eq!(split_count(1024, 396, 4), 3);
+        assert_eq!(split_count(396, 396, 64), 1);
+    }
 }

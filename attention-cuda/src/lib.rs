@@ -14,6 +14,9 @@
 //!   and packed THD sequences through libtorch's variable-length flash attention (forward and
 //!   backward).
 //!
+//! * [`graph::CudaGraph`]: CUDA-graph capture and replay of libtorch work (a decode step with
+//!   its `flash_decode` kernels), through libtorch's own `CUDAGraph`.
+//!
 //! Kernels are CUDA C++ (`kernels/attention.cu`), compiled with NVRTC at run time for the
 //! device's architecture and launched through the CUDA driver API (cudarc, loaded dynamically)
 //! on libtorch's current stream. A small C++ shim (`shim/cuda_shim.cpp`) reaches the libtorch
@@ -35,6 +38,8 @@ use tch::Device;
 
 #[cfg(feature = "cuda")]
 pub mod decode;
+#[cfg(feature = "cuda")]
+pub mod graph;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
@@ -111,6 +116,24 @@ pub fn require_cuda(device: Device) -> Result<(), Error> {
         Device::Cuda(i) if (i as i64) < available => Ok(()),
         _ => Err(Error::NoDevice { device, available }),
     }
+}
+
+/// Which of the two attention kernels a `flash_decode` or `paged-attention-cuda` call runs.
+///
+/// In a spec: `core_attention = { module = "paged-attention-cuda", params = { kernel =
+/// "tensor-cores" } }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelPath {
+    /// Tensor cores where they apply (bf16/f16, head dimension 32, 64 or 128) and a block has
+    /// more than one query row per key/value head (GQA, or several new tokens); otherwise CUDA
+    /// cores.
+    #[default]
+    Auto,
+    /// fp32 dot products on the CUDA cores: every dtype and head dimension.
+    CudaCores,
+    /// m16n8k16 MMAs on the tensor cores; [`Error::Unsupported`] for fp32 or head dimension 256.
+    TensorCores,
 }
 
 /// The kinds this crate registers.

@@ -80,31 +80,65 @@ fn load_nvrtc() -> Result<CudaToolkitDir, Error> {
         .map_err(Error::Toolkit)
 }
 
-/// One instantiation of the kernels: element type, head dimension and pairs per block.
+/// How the attention kernel maps a block's (token, head) pairs onto the multiprocessor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tile {
+    /// fp32 dot products on the CUDA cores for at most `pairs` pairs (1, 2, 4 or 8) per block.
+    CudaCores {
+        /// The most (token, head) pairs a block keeps.
+        pairs: i64,
+    },
+    /// m16n8k16 MMAs on the tensor cores for up to 64 pairs per block (bf16 and f16, head
+    /// dimension 32, 64 or 128).
+    TensorCores,
+}
+
+/// One instantiation of the kernels: element type, head dimension and tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Variant {
     /// `bf16`, `f16` or `f32`.
     pub dtype: &'static str,
     /// 32, 64, 128 or 256.
     pub head_dim: i64,
-    /// The most (token, head) pairs a block keeps: 1, 2, 4 or 8.
-    pub pairs: i64,
+    /// CUDA cores or tensor cores.
+    pub tile: Tile,
 }
 
 impl Variant {
+    /// The attention kernel's name for a static or paged cache.
+    pub fn attend_name(self, paged: bool) -> String {
+        let cache = if paged { "paged" } else { "static" };
+        let (dtype, hd) = (self.dtype, self.head_dim);
+        match self.tile {
+            Tile::CudaCores { pairs } => format!("attn_{cache}_{dtype}_{hd}_p{pairs}"),
+            Tile::TensorCores => format!("attn_{cache}_{dtype}_{hd}_mma"),
+        }
+    }
+
     fn defines(self) -> Vec<String> {
         let ctype = match self.dtype {
             "bf16" => "__nv_bfloat16",
             "f16" => "__half",
             _ => "float",
         };
-        vec![
+        let mut d = vec![
             format!("-DATTN_TNAME={}", self.dtype),
             format!("-DATTN_T={ctype}"),
             format!("-DATTN_HD={}", self.head_dim),
-            format!("-DATTN_PAIRS={}", self.pairs),
-        ]
+        ];
+        d.push(match self.tile {
+            Tile::CudaCores { pairs } => format!("-DATTN_PAIRS={pairs}"),
+            Tile::TensorCores => "-DATTN_MMA".into(),
+        });
+        d
     }
+}
+
+/// `ATTENTION_CUDA_SYNC_COPIES=1`: global-to-shared copies become plain loads and stores
+/// instead of `cp.async` (slower; for compute-sanitizer's racecheck, which cannot follow
+/// `cp.async`).
+fn sync_copies() -> bool {
+    std::env::var_os("ATTENTION_CUDA_SYNC_COPIES").is_some_and(|v| v == "1")
 }
 
 /// Compiles the kernels to PTX for `arch` (e.g. `sm_90`): one variant, or all of them. Needs
@@ -115,6 +149,9 @@ pub fn compile_ptx(arch: &'static str, variant: Option<Variant>) -> Result<Ptx, 
     match variant {
         Some(v) => options.extend(v.defines()),
         None => options.push("-DATTN_ALL".into()),
+    }
+    if sync_copies() {
+        options.push("-DATTN_SYNC_COPY".into());
     }
     let opts = CompileOptions {
         arch: Some(arch),
@@ -134,9 +171,11 @@ pub struct Kernels {
     /// The device's primary context (libtorch's).
     pub ctx: Arc<CudaContext>,
     module: Arc<CudaModule>,
-    functions: Mutex<HashMap<String, Loaded>>,
+    functions: Mutex<HashMap<(String, u32, u32), Loaded>>,
     /// Multiprocessors.
     pub sm_count: i64,
+    /// The most dynamic shared memory a block may opt in to, bytes.
+    pub smem_optin: u32,
 }
 
 type KernelCache = Mutex<HashMap<(usize, Variant), Arc<Kernels>>>;
@@ -185,7 +224,18 @@ pub fn kernels(ordinal: usize, variant: Variant) -> Result<Arc<Kernels>, Error> 
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )
         .map_err(|e| Error::Driver(format!("{e:?}")))? as i64;
-    let k = Arc::new(Kernels { ctx, module, functions: Mutex::new(HashMap::new()), sm_count });
+    let smem_optin = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+        .map_err(|e| Error::Driver(format!("{e:?}")))? as u32;
+    let k = Arc::new(Kernels {
+        ctx,
+        module,
+        functions: Mutex::new(HashMap::new()),
+        sm_count,
+        smem_optin,
+    });
     map.insert((ordinal, variant), k.clone());
     Ok(k)
 }
@@ -198,22 +248,37 @@ pub struct Loaded {
     /// Resident blocks per multiprocessor at the block size and shared memory it was loaded
     /// for (at least 1).
     pub resident: i64,
+    /// Registers per thread.
+    pub registers: i64,
+    /// Local memory per thread in bytes (register spills; 0 for every kernel here).
+    pub local_bytes: i64,
 }
 
 impl Kernels {
     /// A kernel by name, with its dynamic shared-memory limit raised to `smem` bytes and its
-    /// occupancy at `threads` per block, both fixed per name (loaded and queried once).
+    /// occupancy at `threads` per block (loaded and queried once per name, block size and
+    /// shared-memory size).
     pub fn function(&self, name: &str, threads: u32, smem: u32) -> Result<Loaded, Error> {
         let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(loaded) = f.get(name) {
+        let key = (name.to_string(), threads, smem);
+        if let Some(loaded) = f.get(&key) {
             return Ok(loaded.clone());
         }
         let driver = |e: cudarc::driver::DriverError| Error::Driver(format!("{name}: {e:?}"));
+        // Loading and the occupancy query need the context current on this thread.
+        self.ctx.bind_to_thread().map_err(driver)?;
+        if smem > self.smem_optin {
+            return Err(Error::Unsupported(format!(
+                "{name}: {smem} bytes of shared memory (the device allows {})",
+                self.smem_optin
+            )));
+        }
         let func = self.module.load_function(name).map_err(driver)?;
+        // The limit is the device's (one function handle serves every entry of its name).
         if smem > 48 * 1024 {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
+                self.smem_optin as i32,
             )
             .map_err(driver)?;
         }
@@ -221,8 +286,10 @@ impl Kernels {
             .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
             .map_err(driver)?
             .max(1) as i64;
-        let loaded = Loaded { func, resident };
-        f.insert(name.to_string(), loaded.clone());
+        let registers = func.num_regs().map_err(driver)? as i64;
+        let local_bytes = func.local_size_bytes().map_err(driver)? as i64;
+        let loaded = Loaded { func, resident, registers, local_bytes };
+        f.insert(key, loaded.clone());
         Ok(loaded)
     }
 

@@ -330,16 +330,24 @@ fn build_sdpa_cuda(args: &CoreAttentionArgs<'_>) -> Result<Box<dyn CoreAttention
     Ok(Box::new(SdpaCuda::new(args)?))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PagedCudaParams {
+    #[serde(default)]
+    kernel: crate::KernelPath,
+}
+
 fn build_paged_cuda(args: &CoreAttentionArgs<'_>) -> Result<Box<dyn CoreAttention>, SpecError> {
-    let _: attention_spec::registry::NoParams = args.params.decode("paged-attention-cuda")?;
+    let params: PagedCudaParams = args.params.decode("paged-attention-cuda")?;
     #[cfg(feature = "cuda")]
     {
         let scale =
             args.config.softmax_scale.unwrap_or(1.0 / (args.config.kv_channels as f64).sqrt());
-        Ok(Box::new(crate::decode::CudaPagedAttention::new(scale)))
+        Ok(Box::new(crate::decode::CudaPagedAttention::new(scale).with_path(params.kernel)))
     }
     #[cfg(not(feature = "cuda"))]
     {
+        let _ = params.kernel; // validated, unused without CUDA
         Err(SpecError::Unsupported {
             place: args.params.place.clone(),
             what: "paged-attention-cuda needs attention-cuda built with the `cuda` feature".into(),

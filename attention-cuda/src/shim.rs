@@ -1,4 +1,5 @@
-//! FFI to `shim/cuda_shim.cpp` (libtorch's stream, SDPA switches, varlen flash attention).
+//! FFI to `shim/cuda_shim.cpp` (libtorch's stream, SDPA switches, varlen flash attention) and
+//! `shim/graph_shim.cpp` (CUDA-graph capture through libtorch).
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -51,6 +52,13 @@ unsafe extern "C" {
         err: *mut c_char,
         errlen: i64,
     ) -> c_int;
+}
+
+unsafe extern "C" {
+    fn attn_graph_begin(device: i64, err: *mut c_char, errlen: i64) -> *mut c_void;
+    fn attn_graph_end(graph: *mut c_void, err: *mut c_char, errlen: i64) -> c_int;
+    fn attn_graph_replay(graph: *mut c_void, err: *mut c_char, errlen: i64) -> c_int;
+    fn attn_graph_free(graph: *mut c_void);
 }
 
 const ERR_LEN: usize = 2048;
@@ -193,4 +201,46 @@ pub(crate) fn flash_varlen_backward(
         return Err(Error::Torch(message(&err)));
     }
     Ok(grads.map(adopt))
+}
+
+/// A libtorch `at::cuda::CUDAGraph`, owned.
+#[derive(Debug)]
+pub(crate) struct RawGraph(*mut c_void);
+
+// SAFETY: the graph is only touched through &mut self or by value (begin/end/replay/free), and
+// libtorch's CUDAGraph may be used from any thread.
+unsafe impl Send for RawGraph {}
+
+impl RawGraph {
+    /// Synchronises `device`, makes a side stream libtorch's current stream and starts capturing.
+    pub(crate) fn begin(device: usize) -> Result<Self, Error> {
+        let mut err = [0u8; ERR_LEN];
+        // SAFETY: the shim writes at most ERR_LEN bytes; a null return carries the message.
+        let g = unsafe { attn_graph_begin(device as i64, err.as_mut_ptr().cast(), ERR_LEN as i64) };
+        if g.is_null() { Err(Error::Torch(message(&err))) } else { Ok(Self(g)) }
+    }
+
+    /// Ends the capture and restores the previous stream (also when ending fails).
+    pub(crate) fn end(&mut self) -> Result<(), Error> {
+        let mut err = [0u8; ERR_LEN];
+        // SAFETY: self.0 is a live graph from `begin`.
+        let rc = unsafe { attn_graph_end(self.0, err.as_mut_ptr().cast(), ERR_LEN as i64) };
+        if rc != 0 { Err(Error::Torch(message(&err))) } else { Ok(()) }
+    }
+
+    /// Replays the captured work.
+    pub(crate) fn replay(&self) -> Result<(), Error> {
+        let mut err = [0u8; ERR_LEN];
+        // SAFETY: self.0 is a live graph; replaying an unfinished capture is an error libtorch
+        // reports as an exception, which the shim returns.
+        let rc = unsafe { attn_graph_replay(self.0, err.as_mut_ptr().cast(), ERR_LEN as i64) };
+        if rc != 0 { Err(Error::Torch(message(&err))) } else { Ok(()) }
+    }
+}
+
+impl Drop for RawGraph {
+    fn drop(&mut self) {
+        // SAFETY: self.0 is a live graph, freed once.
+        unsafe { attn_graph_free(self.0) };
+    }
 }

@@ -16,6 +16,10 @@ fn every_kernel_compiles_to_ptx() -> Result<()> {
                     for pairs in [1, 2, 4, 8] {
                         names.push(format!("attn_{kind}_{dtype}_{hd}_p{pairs}"));
                     }
+                    // Tensor cores: 16-bit types up to head dimension 128.
+                    if dtype != "f32" && hd <= 128 {
+                        names.push(format!("attn_{kind}_{dtype}_{hd}_mma"));
+                    }
                 }
                 for name in names {
                     if !ptx.contains(&format!(".entry {name}(")) {

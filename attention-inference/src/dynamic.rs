@@ -67,6 +67,9 @@ pub struct DynamicContextOptions {
     pub pp_layer_offset: i64,
     /// The registered core-attention kind that runs the paged attention.
     pub paged_attention: String,
+    /// Its `params` table (as a spec's `params = { ... }`), e.g. `kernel = "tensor-cores"` for
+    /// `paged-attention-cuda`; empty by default.
+    pub paged_attention_params: toml::Table,
 }
 
 impl DynamicContextOptions {
@@ -79,6 +82,7 @@ impl DynamicContextOptions {
             num_layers,
             pp_layer_offset: 0,
             paged_attention: "paged-attention".into(),
+            paged_attention_params: toml::Table::new(),
         }
     }
 }
@@ -229,7 +233,7 @@ impl DynamicInferenceContext {
         let paged = build(&CoreAttentionArgs {
             path: &vs.root(),
             config,
-            params: &Params::default(),
+            params: &Params { table: options.paged_attention_params.clone(), place: place.clone() },
             layer_number: options.pp_layer_offset + 1,
             attn_mask_type: AttnMaskType::Causal,
             attention_type: AttentionType::SelfAttention,

@@ -82,6 +82,33 @@ impl StaticInferenceContext {
         self.flash_decode = Some(kernel);
     }
 
+    /// The int32 `[max_batch_size]` device tensor the fused decode kernel reads the rows'
+    /// offsets from, refilled with `sequence_len_offset` if that moved (or created on `device`).
+    ///
+    /// A decode step does this itself. Between replays of a captured decode step (a CUDA
+    /// graph, which replays the kernels but none of the host code), call it after
+    /// [`advance`](Self::advance): the replayed kernels then read the new offset, and rotate,
+    /// append and attend at it. The replay does not check limits: the caller keeps
+    /// `sequence_len_offset` below `max_sequence_length`.
+    pub fn refresh_decode_offsets(&mut self, device: Device) -> Result<&Tensor, ForwardError> {
+        let current = self.sequence_len_offset;
+        let stale = !matches!(&self.offsets, Some((t, v)) if t.device() == device && *v == current);
+        if stale {
+            let t = match self.offsets.take() {
+                Some((mut t, _)) if t.device() == device => {
+                    let _ = t.f_fill_(current)?;
+                    t
+                }
+                _ => Tensor::f_full([self.max_batch_size], current, (Kind::Int, device))?,
+            };
+            self.offsets = Some((t, current));
+        }
+        match &self.offsets {
+            Some((t, _)) => Ok(t),
+            None => unreachable!("set above"),
+        }
+    }
+
     /// Whether a fused decode kernel is set.
     pub fn has_flash_decode(&self) -> bool {
         self.flash_decode.is_some()
@@ -214,23 +241,8 @@ impl StaticInferenceContext {
     ) -> Result<Tensor, ForwardError> {
         let device = key.device();
         let b = key.size()[1];
-        // Offsets: one device tensor for all rows, refilled only when the offset moved.
-        let current = self.sequence_len_offset;
-        let stale = !matches!(&self.offsets, Some((t, v)) if t.device() == device && *v == current);
-        if stale {
-            let t = match self.offsets.take() {
-                Some((mut t, _)) if t.device() == device => {
-                    let _ = t.f_fill_(current)?;
-                    t
-                }
-                _ => Tensor::f_full([self.max_batch_size], current, (Kind::Int, device))?,
-            };
-            self.offsets = Some((t, current));
-        }
-        let offsets = match &self.offsets {
-            Some((t, _)) => t.f_narrow(0, self.batch_size_offset, b)?,
-            None => unreachable!("set above"),
-        };
+        let b0 = self.batch_size_offset;
+        let offsets = self.refresh_decode_offsets(device)?.f_narrow(0, b0, b)?;
         // cos/sin [max_seq, rot/2] of the rotary table (rotate-half: its first half; interleaved:
         // its even columns), cached while the same table comes back.
         let interleaved = layer.config.rotary_interleaved;

@@ -13,7 +13,7 @@
 use anyhow::{Context, Result, bail};
 use attention_core::inference::InferenceContext;
 use attention_core::{Attention, AttentionInput, BuiltLayers, RotaryEmbedding, SelfAttention};
-use attention_cuda::decode::CudaFlashDecode;
+use attention_cuda::decode::{CudaFlashDecode, KernelPath};
 use attention_inference::StaticInferenceContext;
 use attention_spec::module::PackedSeqParams;
 use attention_spec::{ForwardError, Model};
@@ -108,6 +108,7 @@ fn flash_decode_case(
     label: &str,
     toml: &str,
     kind: Kind,
+    path: KernelPath,
     (b, b0, p, d): (i64, i64, i64, i64),
     tol: f64,
 ) -> Result<()> {
@@ -119,7 +120,7 @@ fn flash_decode_case(
     let rope = stack.rope(max);
     let mut plain = StaticInferenceContext::new(b0 + b, max)?;
     let mut fused = StaticInferenceContext::new(b0 + b, max)?;
-    fused.set_flash_decode(Box::new(CudaFlashDecode));
+    fused.set_flash_decode(Box::new(CudaFlashDecode::with_path(path)));
     for ctx in [&mut plain, &mut fused] {
         ctx.batch_size_offset = b0;
         let _ = tch::no_grad(|| stack.step(&x.narrow(0, 0, p), ctx, rope.as_ref()))?;
@@ -165,18 +166,25 @@ fn flash_decode_equals_the_static_path() -> Result<()> {
         ("hd32_gqa16", config(16, 1, 32, "position_embedding_type = \"rope\"")),
         ("hd256", config(4, 2, 256, "position_embedding_type = \"rope\"")),
     ];
+    let shape = (3, 1, 37, 6);
     for (name, toml) in &cases {
-        flash_decode_case(&format!("{name} f32"), toml, Kind::Float, (3, 1, 37, 6), 1e-5)?;
-        flash_decode_case(&format!("{name} bf16"), toml, Kind::BFloat16, (3, 1, 37, 6), 3e-2)?;
+        let cores = KernelPath::CudaCores;
+        flash_decode_case(&format!("{name} f32"), toml, Kind::Float, cores, shape, 1e-5)?;
+        flash_decode_case(&format!("{name} bf16"), toml, Kind::BFloat16, cores, shape, 3e-2)?;
+        if *name != "hd256" {
+            let tensor = KernelPath::TensorCores;
+            for (kind, label) in [(Kind::BFloat16, "bf16"), (Kind::Half, "f16")] {
+                let label = format!("{name} {label} tensor cores");
+                flash_decode_case(&label, toml, kind, tensor, shape, 3e-2)?;
+            }
+        }
     }
     // A long context: several splits and their combine.
-    flash_decode_case(
-        "long context",
-        &config(8, 2, 128, "position_embedding_type = \"rope\""),
-        Kind::Float,
-        (2, 0, 4100, 3),
-        1e-5,
-    )?;
+    let long = config(8, 2, 128, "position_embedding_type = \"rope\"");
+    let shape = (2, 0, 4100, 3);
+    flash_decode_case("long context", &long, Kind::Float, KernelPath::Auto, shape, 1e-5)?;
+    let tensor = KernelPath::TensorCores;
+    flash_decode_case("long context bf16 tc", &long, Kind::BFloat16, tensor, shape, 3e-2)?;
     Ok(())
 }
 
@@ -184,7 +192,7 @@ fn flash_decode_equals_the_static_path() -> Result<()> {
 fn kernels_refuse_unsupported_input() -> Result<()> {
     let stack = Stack::new(&config(4, 2, 48, ""), Kind::Float)?;
     let mut ctx = StaticInferenceContext::new(1, 8)?;
-    ctx.set_flash_decode(Box::new(CudaFlashDecode));
+    ctx.set_flash_decode(Box::new(CudaFlashDecode::default()));
     let x = Tensor::randn([2, 1, 4 * 48], (Kind::Float, GPU));
     let _ = tch::no_grad(|| stack.step(&x, &mut ctx, None))?;
     ctx.advance(2)?;
@@ -197,7 +205,7 @@ fn kernels_refuse_unsupported_input() -> Result<()> {
     }
     let stack = Stack::new(&config(4, 2, 64, ""), Kind::Double)?;
     let mut ctx = StaticInferenceContext::new(1, 8)?;
-    ctx.set_flash_decode(Box::new(CudaFlashDecode));
+    ctx.set_flash_decode(Box::new(CudaFlashDecode::default()));
     let x = Tensor::randn([2, 1, 256], (Kind::Double, GPU));
     let _ = tch::no_grad(|| stack.step(&x, &mut ctx, None))?;
     ctx.advance(2)?;
@@ -206,6 +214,98 @@ fn kernels_refuse_unsupported_input() -> Result<()> {
         .context("f64 must be refused")?;
     if !err.to_string().contains("dtype") {
         bail!("unexpected {err}");
+    }
+    // The tensor cores take 16-bit types only.
+    let stack = Stack::new(&config(4, 2, 64, ""), Kind::Float)?;
+    let mut ctx = StaticInferenceContext::new(1, 8)?;
+    ctx.set_flash_decode(Box::new(CudaFlashDecode::with_path(KernelPath::TensorCores)));
+    let x = Tensor::randn([2, 1, 256], (Kind::Float, GPU));
+    let _ = tch::no_grad(|| stack.step(&x, &mut ctx, None))?;
+    ctx.advance(2)?;
+    let err = tch::no_grad(|| stack.step(&x.narrow(0, 0, 1), &mut ctx, None))
+        .err()
+        .context("fp32 on the tensor cores must be refused")?;
+    match err.downcast::<ForwardError>() {
+        Ok(ForwardError::Unsupported { what, .. }) if what.contains("tensor-core") => {}
+        other => bail!("unexpected {other:?}"),
+    }
+    Ok(())
+}
+
+/// Two layers' decode step with `flash_decode`, captured once in a CUDA graph and replayed for
+/// the following tokens (new input written into the captured input, offsets refreshed on the
+/// device), equals the same steps run eagerly, and leaves the same cache.
+#[test]
+fn flash_decode_step_replays_in_a_cuda_graph() -> Result<()> {
+    use attention_cuda::graph::CudaGraph;
+    tch::manual_seed(5);
+    let kind = Kind::BFloat16;
+    let stack = Stack::new(&config(8, 2, 128, "position_embedding_type = \"rope\""), kind)?;
+    let (b, p, d) = (3, 20, 8);
+    let h = stack.model.config.hidden_size;
+    let max = p + d;
+    let x = (Tensor::randn([max, b, h], (Kind::Float, GPU)) * 0.5).to_kind(kind);
+    let rope = stack.rope(max);
+    let mut eager = StaticInferenceContext::new(b, max)?;
+    let mut graphed = StaticInferenceContext::new(b, max)?;
+    for ctx in [&mut eager, &mut graphed] {
+        ctx.set_flash_decode(Box::new(CudaFlashDecode::default()));
+        let _ = tch::no_grad(|| stack.step(&x.narrow(0, 0, p), ctx, rope.as_ref()))?;
+        ctx.advance(p)?;
+    }
+    // Warm up (kernels loaded, offsets and cos/sin on the device), then capture the step at
+    // offset p; both write the same key/value row p, which the replays rewrite.
+    let mut input = x.narrow(0, p, 1).copy();
+    let _ = tch::no_grad(|| stack.step(&input, &mut graphed, rope.as_ref()))?;
+    let (graph, out) =
+        CudaGraph::capture(0, || tch::no_grad(|| stack.step(&input, &mut graphed, rope.as_ref())))?;
+    for i in 0..d {
+        let xi = x.narrow(0, p + i, 1);
+        let want = tch::no_grad(|| stack.step(&xi, &mut eager, rope.as_ref()))?;
+        eager.advance(1)?;
+        tch::no_grad(|| input.copy_(&xi));
+        graphed.refresh_decode_offsets(GPU)?;
+        graph.replay()?;
+        graphed.advance(1)?;
+        // The same kernels on the same data; bf16 slack in case cuBLAS picks another algorithm
+        // under capture.
+        let diff = (&out - &want).abs().max().to_kind(Kind::Float).double_value(&[]);
+        println!("replayed decode step {i}: max |graph - eager| {diff:e}");
+        assert_close(&out, &want, 2e-2, 2e-2, &format!("replayed decode step {i}"))?;
+    }
+    for layer in [1, 2] {
+        let (ka, va) = eager.key_value_memory(layer).context("eager cache")?;
+        let (kg, vg) = graphed.key_value_memory(layer).context("graphed cache")?;
+        assert_close(kg, ka, 2e-2, 2e-2, &format!("layer {layer} keys"))?;
+        assert_close(vg, va, 2e-2, 2e-2, &format!("layer {layer} values"))?;
+    }
+    Ok(())
+}
+
+/// The attention kernels compile for this GPU without register spills, and the tensor-core
+/// kernel keeps at least two blocks per multiprocessor.
+#[test]
+fn kernels_fit_in_registers() -> Result<()> {
+    use attention_cuda::runtime::{Tile, Variant, kernels};
+    for (dtype, head_dim, tile, smem) in [
+        ("bf16", 128, Tile::TensorCores, 70 * 1024),
+        ("bf16", 64, Tile::TensorCores, 40 * 1024),
+        ("bf16", 128, Tile::CudaCores { pairs: 8 }, 40 * 1024),
+        ("f32", 256, Tile::CudaCores { pairs: 8 }, 80 * 1024),
+    ] {
+        let v = Variant { dtype, head_dim, tile };
+        let k = kernels(0, v)?;
+        for paged in [false, true] {
+            let name = v.attend_name(paged);
+            let f = k.function(&name, 128, smem)?;
+            println!("{name}: {} registers, {} resident blocks", f.registers, f.resident);
+            if f.local_bytes != 0 {
+                bail!("{name} spills {} bytes per thread to local memory", f.local_bytes);
+            }
+            if tile == Tile::TensorCores && f.resident < 2 {
+                bail!("{name}: only {} resident blocks", f.resident);
+            }
+        }
     }
     Ok(())
 }

@@ -26,11 +26,17 @@ const TOL: f64 = 1e-5;
 
 struct Stack {
     model: Model,
-    _vs: VarStore,
+    vs: VarStore,
     layers: BuiltLayers,
 }
 
 impl Stack {
+    /// The same stack with its parameters in `kind`.
+    fn with_kind(mut self, kind: Kind) -> Self {
+        self.vs.set_kind(kind);
+        self
+    }
+
     fn new(toml: &str, device: Device) -> Result<Self> {
         attention_inference::link();
         let model = Model::from_toml_str(toml, attention_core::registry()?)?;
@@ -49,7 +55,7 @@ impl Stack {
                 }
             }
         });
-        Ok(Self { model, _vs: vs, layers })
+        Ok(Self { model, vs, layers })
     }
 
     fn attention(&self, i: usize) -> Result<&SelfAttention> {
@@ -293,7 +299,20 @@ struct Coverage {
 }
 
 /// One random schedule.
-fn run_schedule(seed: u64, device: Device, paged_kind: &str, cov: &mut Coverage) -> Result<()> {
+/// The kernel a schedule runs: a registered paged core-attention kind, its params, the dtype of
+/// the stack and the cache, and the tolerance against the full forward in that dtype.
+struct PagedKernel {
+    kind: &'static str,
+    params: &'static str,
+    dtype: Kind,
+    tol: f64,
+}
+
+const REFERENCE: PagedKernel =
+    PagedKernel { kind: "paged-attention", params: "", dtype: Kind::Float, tol: TOL };
+
+fn run_schedule(seed: u64, device: Device, pk: &PagedKernel, cov: &mut Coverage) -> Result<()> {
+    let paged_kind = pk.kind;
     let mut rng = Lcg(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
     let heads_groups = [(4, 4), (4, 2), (4, 1)][rng.range(0, 2) as usize];
     let rope = if rng.range(0, 1) == 1 { "position_embedding_type = \"rope\"" } else { "" };
@@ -305,7 +324,8 @@ fn run_schedule(seed: u64, device: Device, paged_kind: &str, cov: &mut Coverage)
     };
     let layers = rng.range(1, 2);
     tch::manual_seed(seed as i64);
-    let stack = Stack::new(&config(heads_groups.0, heads_groups.1, &rope, layers), device)?;
+    let stack = Stack::new(&config(heads_groups.0, heads_groups.1, &rope, layers), device)?
+        .with_kind(pk.dtype);
     let block_size = [1, 4, 16, 3, 7][rng.range(0, 4) as usize];
     let n_req = rng.range(1, 6);
     let mut reqs = Vec::new();
@@ -315,7 +335,7 @@ fn run_schedule(seed: u64, device: Device, paged_kind: &str, cov: &mut Coverage)
         let decodes = rng.range(0, 6);
         longest = longest.max(prompt + decodes);
         reqs.push(Req {
-            tokens: Tensor::randn([prompt + decodes, 1, 32], (Kind::Float, device)),
+            tokens: Tensor::randn([prompt + decodes, 1, 32], (pk.dtype, device)),
             prompt,
             arrival: rng.range(0, 4) * i.min(1),
         });
@@ -325,10 +345,11 @@ fn run_schedule(seed: u64, device: Device, paged_kind: &str, cov: &mut Coverage)
     let num_blocks = need_one + rng.range(0, need_one * n_req);
     let mut options = DynamicContextOptions::new(layers, block_size, KvMemory::Blocks(num_blocks));
     options.paged_attention = paged_kind.to_string();
+    options.paged_attention_params = pk.params.parse()?;
     let mut ctx = DynamicInferenceContext::new(
         &stack.model.config,
         &options,
-        Kind::Float,
+        pk.dtype,
         device,
         attention_core::registry()?,
     )?;
@@ -439,8 +460,8 @@ fn run_schedule(seed: u64, device: Device, paged_kind: &str, cov: &mut Coverage)
         assert_close(
             &Tensor::cat(&got, 0),
             &full,
-            TOL,
-            TOL,
+            pk.tol,
+            pk.tol,
             &format!("seed {seed}, request {r} (block size {block_size})"),
         )?;
     }
@@ -454,7 +475,7 @@ fn dynamic_random_schedules_equal_full_forward() -> Result<()> {
     for device in test_devices() {
         let mut cov = Coverage::default();
         for seed in 1..=220 {
-            run_schedule(seed, device, "paged-attention", &mut cov)?;
+            run_schedule(seed, device, &REFERENCE, &mut cov)?;
         }
         println!("{device:?}: {cov:?}");
         if cov.steps < 2000
@@ -468,16 +489,80 @@ fn dynamic_random_schedules_equal_full_forward() -> Result<()> {
     Ok(())
 }
 
-/// The same schedules through the CUDA `flash_decode_and_prefill` kernel.
+/// Runs `seeds` schedules through `paged-attention-cuda` with `params`.
+#[cfg(feature = "cuda")]
+fn cuda_schedules(params: &'static str, dtype: Kind, tol: f64, seeds: u64) -> Result<()> {
+    attention_cuda::link();
+    let pk = PagedKernel { kind: "paged-attention-cuda", params, dtype, tol };
+    let mut cov = Coverage::default();
+    for seed in 1..=seeds {
+        run_schedule(seed, Device::Cuda(0), &pk, &mut cov)?;
+    }
+    println!("CUDA kernel {params:?} {dtype:?}: {cov:?}");
+    Ok(())
+}
+
+/// The same schedules through the CUDA `flash_decode_and_prefill` kernel, fp32 (CUDA cores).
 #[cfg(feature = "cuda")]
 #[test]
 fn dynamic_random_schedules_cuda_kernel() -> Result<()> {
+    cuda_schedules("", Kind::Float, TOL, 220)
+}
+
+/// bf16 with the automatic kernel choice, against the full forward in bf16.
+#[cfg(feature = "cuda")]
+#[test]
+fn dynamic_random_schedules_cuda_kernel_bf16() -> Result<()> {
+    cuda_schedules("", Kind::BFloat16, 5e-2, 120)
+}
+
+/// bf16 forced onto the tensor cores (MHA decode included).
+#[cfg(feature = "cuda")]
+#[test]
+fn dynamic_random_schedules_cuda_tensor_cores() -> Result<()> {
+    cuda_schedules("kernel = \"tensor-cores\"", Kind::BFloat16, 5e-2, 120)
+}
+
+/// The paged kernel's params are checked when the context is built: an unknown kernel path is
+/// refused with the accepted ones, a known one passes (and, without CUDA, the kind then says
+/// what it needs).
+#[test]
+fn paged_attention_params_are_validated() -> Result<()> {
     attention_cuda::link();
-    let mut cov = Coverage::default();
-    for seed in 1..=220 {
-        run_schedule(seed, Device::Cuda(0), "paged-attention-cuda", &mut cov)?;
+    let stack = Stack::new(&config(4, 2, "kv_channels = 32", 1), Device::Cpu)?;
+    let build = |params: &str| -> Result<String> {
+        let mut options = DynamicContextOptions::new(1, 4, KvMemory::Blocks(8));
+        options.paged_attention = "paged-attention-cuda".into();
+        options.paged_attention_params = params.parse()?;
+        let registry = attention_core::registry()?;
+        Ok(
+            match DynamicInferenceContext::new(
+                &stack.model.config,
+                &options,
+                Kind::Float,
+                Device::Cpu,
+                registry,
+            ) {
+                Ok(_) => "built".into(),
+                Err(e) => e.to_string(),
+            },
+        )
+    };
+    let bad = build("kernel = \"warp-speed\"")?;
+    if !(bad.contains("warp-speed")
+        && bad.contains("tensor-cores")
+        && bad.contains("paged_attention"))
+    {
+        bail!("unexpected error for an unknown kernel: {bad}");
     }
-    println!("Cuda kernel: {cov:?}");
+    let good = build("kernel = \"tensor-cores\"")?;
+    if cfg!(feature = "cuda") {
+        if good != "built" {
+            bail!("a valid kernel was refused: {good}");
+        }
+    } else if !good.contains("`cuda` feature") {
+        bail!("unexpected error without CUDA: {good}");
+    }
     Ok(())
 }
 
