@@ -1,22 +1,27 @@
 // Flash decoding over a static KV cache and flash decode-and-prefill over a paged KV cache.
 //
-// One kernel serves both caches (PAGED selects the addressing). A block owns one request
+// Two kernels serve both caches (PAGED selects the addressing). A block owns one request
 // ("row"), one tile of its new query tokens, one chunk of the query heads of one key/value
 // group (so each key/value head is read once per group, not once per query head), and one
 // split of the key range (flash-decoding's split-KV). Keys and values stream through shared
-// memory KT at a time (cp.async, double-buffered); each of the 4 warps takes a quarter of every
-// tile and keeps an online softmax for all of the block's (token, head) pairs (fp32
-// accumulation, exp2 with a log2(e)-premultiplied scale); the warps are merged at the end. The
-// number of pairs is a compile-time bound (PAIRS), picked by the host per launch.
+// memory a tile at a time (cp.async, double-buffered), with an online softmax per (token, head)
+// pair (fp32 accumulation, exp2 with a log2(e)-premultiplied scale).
+//
+// * `attend` (CUDA cores, every dtype and head dimension): each of the 4 warps takes a quarter
+//   of every key tile and keeps fp32 dot products for all of the block's pairs (at most PAIRS,
+//   a compile-time bound the host picks per launch); the warps are merged at the end.
+// * `attend_mma` (tensor cores, bf16/f16, head dimension <= 128): the block's pairs are the M
+//   rows of m16n8k16 MMAs; see the comment above it.
 //
 // Keys at positions >= the cached length are the step's new tokens: blocks read them from the
-// new-key input rather than the cache, and the block owning (row, group, first tile, first head
-// chunk, first split) writes them into the cache. No block reads what another block of the
-// same launch writes.
+// new-key input rather than the cache, and the blocks of the first head chunk and first split
+// write the new keys and values of their token tile into the cache. No block reads what
+// another block of the same launch writes.
 //
 // Static cache (Megatron's layout [max_seq, max_batch, groups, head_dim]): one new token per
 // batch row at position offsets[b]; rotary (rotate-half or interleaved, partial) is applied in
-// fp32 to the query and the new key from cos/sin tables [max_seq, rot/2] and rounded once.
+// fp32 to the query and the new key from cos/sin tables [max_seq, rot/2] and rounded once
+// (the CUDA-core kernel keeps the rotated query in fp32).
 // Paged cache ([num_blocks, block_size, groups, head_dim]): requests with any number of new
 // tokens (decode and chunked prefill in one launch), already rotated, laid out by cu_q; causal
 // masking is bottom-right aligned (new token j of a request sees keys 0..=cached+j).
@@ -462,28 +467,6 @@ template <> struct Mma<__half> {
   }
 };
 
-// Channel d of head vector x after rotary at position pos (fp32; unchanged without rotary or
-// outside the rotated channels): Megatron's x * cos + rotate_half(x) * sin.
-template <typename T>
-__device__ __forceinline__ float rotated(const T* x, int d, const Params& p, int pos) {
-  const int r = p.rot_half;
-  if (r == 0 || d >= 2 * r) return to_f(x[d]);
-  int i, partner;
-  float sign;
-  if (p.interleaved) {
-    i = d / 2;
-    partner = d ^ 1;
-    sign = (d & 1) ? 1.f : -1.f;
-  } else {
-    i = d < r ? d : d - r;
-    partner = d < r ? d + r : d - r;
-    sign = d < r ? -1.f : 1.f;
-  }
-  const float c = reinterpret_cast<const float*>(p.cos)[(long long)pos * r + i];
-  const float s = reinterpret_cast<const float*>(p.sin)[(long long)pos * r + i];
-  return to_f(x[d]) * c + sign * to_f(x[partner]) * s;
-}
-
 // Keys per shared-memory stage of the tensor-core kernel, and the most rows of a block.
 constexpr int MMA_KT = 64;
 constexpr int MMA_ROWS = 64;
@@ -505,13 +488,16 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   extern __shared__ __align__(16) unsigned char smem[];
   T* sk_buf = reinterpret_cast<T*>(smem);  // [2][KT][ROW]
   T* sv_buf = sk_buf + 2 * KT * ROW;       // [2][KT][ROW]
-  // The queries go through stage 1's key tile (they are in registers before it is loaded);
-  // the fp32 new key of the static cache lives past the stages and the merge area.
-  T* sq = sk_buf + KT * ROW;  // [ROWS][ROW]
+  // With several row tiles the queries go through stage 1's key tile (they are in registers
+  // before it is loaded); a single row tile (decode) keeps them in a region of their own and
+  // reads its fragments per chunk, which saves the registers of one more resident block.
+  // The fp32 new key of the static cache lives past both.
+  constexpr bool QREG = MW > 1;
   constexpr int STAGES_BYTES = 4 * KT * ROW * 2;
   constexpr int MERGE_BYTES = (KW * ROWS * AROW + 2 * KW * ROWS) * 4;
   constexpr int FRONT = STAGES_BYTES > MERGE_BYTES ? STAGES_BYTES : MERGE_BYTES;
-  float* snew = reinterpret_cast<float*>(smem + FRONT);
+  T* sq = QREG ? sk_buf + KT * ROW : reinterpret_cast<T*>(smem + FRONT);  // [ROWS][ROW]
+  float* snew = reinterpret_cast<float*>(smem + FRONT + 16 * ROW * 2);
 
   const int split = blockIdx.z % p.nsplit;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -523,25 +509,6 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   T* kc = reinterpret_cast<T*>(p.k_cache);
   T* vc = reinterpret_cast<T*>(p.v_cache);
 
-  // 1. Queries (rotated in the static cache, then rounded) and the new key (fp32).
-  const T* qg = reinterpret_cast<const T*>(p.q);
-  for (int i = threadIdx.x; i < ROWS * HD; i += THREADS) {
-    int pi = i / HD, d = i % HD;
-    float v = 0.f;
-    if (pi < pairs) {
-      const T* x = qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD;
-      v = PAGED ? to_f(x[d]) : rotated(x, d, p, cached);
-    }
-    sq[pi * ROW + d] = from_f<T>(v);
-  }
-  if (!PAGED) {
-    for (int d = threadIdx.x; d < HD; d += THREADS) snew[d] = rotated(knew + ((long long)row * p.hkv + g) * HD, d, p, cached);
-  }
-  __syncthreads();
-
-  // 2. The first head chunk's first split appends this tile's new keys and values.
-  if (owner) append_tokens<T, HD, PAGED>(p, row, g, q0, cached, t0, ntok, snew, knew, vnew, kc, vc);
-
   const int limit = cached + t0 + ntok;
   const int start = split * p.split_len;
   const int end = min(limit, start + p.split_len);
@@ -549,15 +516,62 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     load_kv_tile<T, HD, KT, ROW, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
                                                  cached, row, g, q0, snew, knew, vnew, kc, vc);
   };
-  if (start < end) load_tile(start, 0);
+  // 0. The first key tile streams in while the queries are prepared, unless it holds the
+  //    static cache's new key (which it takes from the rotated `snew`, below).
+  const bool early = PAGED || start + KT <= cached;
+  if (early && start < end) load_tile(start, 0);
 
-  // The warp's query fragments, kept in registers for the whole key loop.
+  // 1. Queries (16-byte loads; rows past the block's pairs are zeros) and the static cache's
+  //    new key (fp32), then rotary in place: fp32, each query rounded once.
+  const T* qg = reinterpret_cast<const T*>(p.q);
+  constexpr int CPR = HD / VEC;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < ROWS * CPR; i += THREADS) {
+    const int pi = i / CPR, c = (i % CPR) * VEC;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (pi < pairs) {
+      v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD + c);
+    }
+    *reinterpret_cast<uint4*>(sq + pi * ROW + c) = v;
+  }
+  if (!PAGED) {
+    for (int d = threadIdx.x; d < HD; d += THREADS) snew[d] = to_f(knew[((long long)row * p.hkv + g) * HD + d]);
+  }
+  __syncthreads();
+  if (!PAGED && p.rot_half > 0) {
+    const int r = p.rot_half;
+    const float* cs = reinterpret_cast<const float*>(p.cos) + (long long)cached * r;
+    const float* sn = reinterpret_cast<const float*>(p.sin) + (long long)cached * r;
+    // Channel pairs (a, b) sharing angle i: (i, i + r) or (2i, 2i + 1); row `pairs` is the new key.
+    for (int i = threadIdx.x; i < (pairs + 1) * r; i += THREADS) {
+      const int pi = i / r, k = i % r;
+      const int a = p.interleaved ? 2 * k : k, b = p.interleaved ? 2 * k + 1 : k + r;
+      const float c = cs[k], sv_ = sn[k];
+      if (pi < pairs) {
+        T* x = sq + pi * ROW;
+        const float xa = to_f(x[a]), xb = to_f(x[b]);
+        x[a] = from_f<T>(xa * c - xb * sv_);
+        x[b] = from_f<T>(xb * c + xa * sv_);
+      } else {
+        const float xa = snew[a], xb = snew[b];
+        snew[a] = xa * c - xb * sv_;
+        snew[b] = xb * c + xa * sv_;
+      }
+    }
+    __syncthreads();
+  }
+  if (!early && start < end) load_tile(start, 0);
+
+  // 2. The first head chunk's first split appends this tile's new keys and values.
+  if (owner) append_tokens<T, HD, PAGED>(p, row, g, q0, cached, t0, ntok, snew, knew, vnew, kc, vc);
+
+  // The warp's query fragments: in registers for the whole key loop (QREG), or re-read from
+  // shared memory per chunk.
   const int gq = lane / 4, tq = lane % 4;
-  unsigned qa[KS][4];
-  {
-    const T* base = sq + (mw * 16 + ((lane / 8) & 1) * 8 + lane % 8) * ROW + (lane / 16) * 8;
+  const T* q_frag = sq + (mw * 16 + ((lane / 8) & 1) * 8 + lane % 8) * ROW + (lane / 16) * 8;
+  unsigned qa[QREG ? KS : 1][4];
+  if (QREG) {
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) ldsm_x4(qa[ks], base + ks * 16);
+    for (int ks = 0; ks < (QREG ? KS : 1); ++ks) ldsm_x4(qa[ks], q_frag + ks * 16);
   }
   __syncthreads();  // every warp has its queries before stage 1 is overwritten
   // Last key each of this thread's two rows (gq, gq + 8) may see; -1 for padding rows.
@@ -609,8 +623,15 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
           for (int ks = 0; ks < KS; ++ks) {
             unsigned b[4];
             ldsm_x4(b, sk + (c * 16 + k_row) * ROW + k_col + ks * 16);
-            Mma<T>::run(s[2 * c], qa[ks], b[0], b[1]);
-            Mma<T>::run(s[2 * c + 1], qa[ks], b[2], b[3]);
+            if (QREG) {
+              Mma<T>::run(s[2 * c], qa[QREG ? ks : 0], b[0], b[1]);
+              Mma<T>::run(s[2 * c + 1], qa[QREG ? ks : 0], b[2], b[3]);
+            } else {
+              unsigned a[4];
+              ldsm_x4(a, q_frag + ks * 16);
+              Mma<T>::run(s[2 * c], a, b[0], b[1]);
+              Mma<T>::run(s[2 * c + 1], a, b[2], b[3]);
+            }
           }
         }
       }
@@ -731,8 +752,10 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   }
 }
 
-// The tensor-core kernel: the block's pairs decide how its warps split rows and keys.
-template <typename T, int HD, bool PAGED>
+// The tensor-core kernel: the block's pairs decide how its warps split rows and keys. With
+// MAXROWS = 16 (launches whose blocks all hold at most 16 pairs: decode) only the one-row-tile
+// body is compiled, which needs fewer registers, so more blocks stay resident.
+template <typename T, int HD, bool PAGED, int MAXROWS>
 __device__ void attend_mma(const Params& p) {
   const int row = blockIdx.y;
   const int tile = blockIdx.x;
@@ -757,7 +780,7 @@ __device__ void attend_mma(const Params& p) {
   const int nh = min(p.heads_per_chunk, p.group - chunk * p.heads_per_chunk);
   const int pairs = ntok * nh;
   const bool owner = chunk == 0 && blockIdx.z % p.nsplit == 0;
-  if (pairs <= 16) {
+  if (MAXROWS == 16 || pairs <= 16) {
     attend_mma_rows<T, HD, 1, PAGED>(p, row, q0, lq, cached, t0, ntok, g, h0, nh, owner);
   } else if (pairs <= 32) {
     attend_mma_rows<T, HD, 2, PAGED>(p, row, q0, lq, cached, t0, ntok, g, h0, nh, owner);
@@ -766,30 +789,81 @@ __device__ void attend_mma(const Params& p) {
   }
 }
 
-// Merges the splits: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M). Grid (tokens, heads).
+// Merges the splits: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M). Grid (tokens, heads),
+// COMBINE_THREADS threads, dynamic shared memory (nsplit + RG * HD) floats: the split weights,
+// then per-group partial sums. The threads split into RG groups of HD / 4 float4 columns;
+// group r sums splits r, r + RG, ... (several loads in flight per thread, not one split after
+// another).
+#define COMBINE_THREADS 128
 template <typename T, int HD>
 __device__ void combine(const Params& p) {
+  constexpr int C4 = HD / 4;
+  constexpr int RG = COMBINE_THREADS / C4;
+  static_assert(RG >= 1 && COMBINE_THREADS % C4 == 0, "combine shape");
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* w = reinterpret_cast<float*>(smem);  // [nsplit]
+  float* part = w + ((p.nsplit + 3) / 4) * 4;  // [RG][HD]
+  __shared__ float red[COMBINE_THREADS / 32];
   const long long tok = blockIdx.x;
   const int head = blockIdx.y;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const float* lse = reinterpret_cast<const float*>(p.part_lse);
   const float* po = reinterpret_cast<const float*>(p.part_o);
+  auto slot = [&](int s) { return ((long long)s * p.total_tokens + tok) * p.hq + head; };
+  // 1. The largest lse, then the weights 2^(lse_s - M) and their sum.
   float mx = -INFINITY;
-  for (int s = 0; s < p.nsplit; ++s) mx = fmaxf(mx, lse[((long long)s * p.total_tokens + tok) * p.hq + head]);
+  for (int s = tid; s < p.nsplit; s += COMBINE_THREADS) {
+    w[s] = lse[slot(s)];
+    mx = fmaxf(mx, w[s]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = red[0];
+#pragma unroll
+  for (int i = 1; i < COMBINE_THREADS / 32; ++i) mx = fmaxf(mx, red[i]);
+  __syncthreads();
+  float den = 0.f;
+  for (int s = tid; s < p.nsplit; s += COMBINE_THREADS) {
+    w[s] = mx == -INFINITY ? 0.f : exp2f(w[s] - mx);
+    den += w[s];
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffff, den, o);
+  if (lane == 0) red[warp] = den;
+  __syncthreads();
+  den = 0.f;
+#pragma unroll
+  for (int i = 0; i < COMBINE_THREADS / 32; ++i) den += red[i];
+  // 2. Weighted partial outputs, RG splits at a time.
+  const int r = tid / C4, c = (tid % C4) * 4;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+  for (int s = r; s < p.nsplit; s += RG) {
+    const float ws = w[s];
+    const float4 v = *reinterpret_cast<const float4*>(po + slot(s) * HD + c);
+    acc.x += ws * v.x;
+    acc.y += ws * v.y;
+    acc.z += ws * v.z;
+    acc.w += ws * v.w;
+  }
+  *reinterpret_cast<float4*>(part + r * HD + c) = acc;
+  __syncthreads();
+  // 3. Sum the groups and normalise.
   T* out = reinterpret_cast<T*>(p.out) + (tok * p.hq + head) * HD;
-  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-    float num = 0.f, den = 0.f;
-    for (int s = 0; s < p.nsplit; ++s) {
-      long long slot = ((long long)s * p.total_tokens + tok) * p.hq + head;
-      float w = (mx == -INFINITY) ? 0.f : exp2f(lse[slot] - mx);
-      num += w * po[slot * HD + d];
-      den += w;
-    }
-    out[d] = from_f<T>(den > 0.f ? num / den : 0.f);
+  const float inv = den > 0.f ? 1.f / den : 0.f;
+  for (int d = tid; d < HD; d += COMBINE_THREADS) {
+    float o = 0.f;
+#pragma unroll
+    for (int g = 0; g < RG; ++g) o += part[g * HD + d];
+    out[d] = from_f<T>(o * inv);
   }
 }
 
 // Entry points: attn_{static|paged}_{bf16|f16|f32}_{head dim}_p{pairs} (CUDA cores),
-// attn_{static|paged}_{bf16|f16}_{head dim}_mma (tensor cores, head dim <= 128),
+// attn_{static|paged}_{bf16|f16}_{head dim}_mma and _mma16 (tensor cores, head dim <= 128; up
+// to 64 or 16 pairs per block),
 // attn_combine_{dtype}_{head dim}.
 #define ATTN_ATTEND(TNAME, T, HD, P)                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_p##P(Params p) { \
@@ -798,12 +872,18 @@ __device__ void combine(const Params& p) {
   extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD##_p##P(Params p) {  \
     attend<T, HD, P, true>(p);                                                                          \
   }
-#define ATTN_ATTEND_MMA(TNAME, T, HD)                                                                  \
-  extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_mma(Params p) { \
-    attend_mma<T, HD, false>(p);                                                                      \
-  }                                                                                                   \
-  extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD##_mma(Params p) {  \
-    attend_mma<T, HD, true>(p);                                                                       \
+#define ATTN_ATTEND_MMA(TNAME, T, HD)                                                                       \
+  extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_mma(Params p) {      \
+    attend_mma<T, HD, false, MMA_ROWS>(p);                                                                 \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD##_mma(Params p) {       \
+    attend_mma<T, HD, true, MMA_ROWS>(p);                                                                  \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_static_##TNAME##_##HD##_mma16(Params p) { \
+    attend_mma<T, HD, false, 16>(p);                                                                       \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_paged_##TNAME##_##HD##_mma16(Params p) {  \
+    attend_mma<T, HD, true, 16>(p);                                                                        \
   }
 #define ATTN_COMBINE(TNAME, T, HD) \
   extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); }

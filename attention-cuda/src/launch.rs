@@ -145,16 +145,20 @@ fn use_tensor_cores(path: KernelPath, kind: Kind, hd: i64, geo: &Geometry) -> Re
     }
 }
 
-/// How many splits of the key range `blocks` blocks get, with `slots` blocks resident at once.
-/// A launch of n splits takes about waves(n) / n of the unsplit time (a last wave of a few
-/// blocks takes as long as a full one); the fewest splits within 5% of the best such cost up
-/// to `max_splits` win (each split costs a block prologue and a share of the combine).
-fn split_count(blocks: i64, slots: i64, max_splits: i64) -> i64 {
-    let (blocks, slots) = (blocks.max(1), slots.max(1));
-    let cost = |n: i64| ((blocks * n + slots - 1) / slots) as f64 / n as f64;
+/// How many splits of `keys` keys `blocks` blocks get, with `slots` blocks resident at once.
+/// A launch of n splits takes about waves(n) x (keys / n + `overhead`) key-times (a last wave
+/// of a few blocks takes as long as a full one; `overhead` prices a block's prologue, epilogue
+/// and share of the combine in keys); the fewest splits within 1% of the cheapest up to
+/// `max_splits` win.
+fn split_count(blocks: i64, slots: i64, keys: i64, max_splits: i64, overhead: i64) -> i64 {
+    let (blocks, slots, keys) = (blocks.max(1), slots.max(1), keys.max(1));
+    let cost = |n: i64| {
+        let waves = (blocks * n + slots - 1) / slots;
+        (waves * ((keys + n - 1) / n + overhead)) as f64
+    };
     let candidates = 1..=max_splits.clamp(1, 4096);
     let best = candidates.clone().map(cost).fold(f64::INFINITY, f64::min);
-    candidates.into_iter().find(|&n| cost(n) <= 1.05 * best).unwrap_or(1)
+    candidates.into_iter().find(|&n| cost(n) <= 1.01 * best).unwrap_or(1)
 }
 
 /// Runs the attention kernel (and the split combine) on libtorch's stream.
@@ -172,17 +176,25 @@ pub(crate) fn launch(
     let vec = 16 / elt;
     let threads = (WARPS * 32) as u32;
     // Head chunks of at most a block's pairs; tokens per tile fill the remaining pairs.
+    let tiling = |max_pairs: i64| {
+        let heads_per_chunk = geo.group.min(max_pairs);
+        let tokens_per_tile = (max_pairs / heads_per_chunk).max(1).min(geo.max_q.max(1));
+        (heads_per_chunk, tokens_per_tile)
+    };
     let (variant, max_pairs, kt, smem) = if use_tensor_cores(path, kind, hd, &geo)? {
-        // Two stages of keys and values (the queries pass through one, the merge reuses them),
-        // then the static cache's fp32 new key.
+        // Two stages of keys and values (the merge reuses them), one row tile of queries, then
+        // the static cache's fp32 new key.
         let stages = 4 * MMA_KT * (hd + vec) * elt;
         let merge = (MMA_ROWS * (hd + 4) + 2 * MMA_ROWS) * 4;
-        let smem = stages.max(merge) + hd * 4;
-        (Variant { dtype: name, head_dim: hd, tile: Tile::TensorCores }, MMA_ROWS, MMA_KT, smem)
+        let smem = stages.max(merge) + 16 * (hd + vec) * elt + hd * 4;
+        // Blocks of at most 16 pairs (decode) get the one-row-tile build.
+        let (h, t) = tiling(MMA_ROWS);
+        let rows = if h * t <= 16 { 16 } else { MMA_ROWS };
+        let variant = Variant { dtype: name, head_dim: hd, tile: Tile::TensorCores { rows } };
+        (variant, MMA_ROWS, MMA_KT, smem)
     } else {
-        let heads_per_chunk = geo.group.min(MAX_PAIRS);
-        let tokens_per_tile = (MAX_PAIRS / heads_per_chunk).max(1).min(geo.max_q.max(1));
-        let pairs = ((tokens_per_tile * heads_per_chunk) as u64).next_power_of_two() as i64;
+        let (h, t) = tiling(MAX_PAIRS);
+        let pairs = ((t * h) as u64).next_power_of_two() as i64;
         let kt = key_tile(hd, elt);
         // Two stages of keys and values (the warp merge reuses them), the queries, the new key.
         let front = (4 * kt * (hd + vec) * elt).max(WARPS * pairs * (hd + 2) * 4);
@@ -194,9 +206,8 @@ pub(crate) fn launch(
             smem,
         )
     };
-    let heads_per_chunk = geo.group.min(max_pairs);
+    let (heads_per_chunk, tokens_per_tile) = tiling(max_pairs);
     let nchunks = (geo.group + heads_per_chunk - 1) / heads_per_chunk;
-    let tokens_per_tile = (max_pairs / heads_per_chunk).max(1).min(geo.max_q.max(1));
     let tiles = (geo.max_q + tokens_per_tile - 1) / tokens_per_tile;
     let k = kernels(device, variant)?;
     let smem = smem as u32;
@@ -205,7 +216,8 @@ pub(crate) fn launch(
     // splits of at least MIN_SPLIT_KEYS keys.
     let blocks = geo.n_rows * tiles * geo.hkv * nchunks;
     let max_splits = ((geo.max_keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
-    let nsplit = split_count(blocks, attend.resident * k.sm_count, max_splits);
+    let slots = attend.resident * k.sm_count;
+    let nsplit = split_count(blocks, slots, geo.max_keys, max_splits, 2 * kt);
     let per_split = (geo.max_keys + nsplit - 1) / nsplit;
     let split_len = ((per_split + kt - 1) / kt * kt).max(kt);
     let nsplit = ((geo.max_keys + split_len - 1) / split_len).max(1);
@@ -254,12 +266,17 @@ pub(crate) fn launch(
     // orders reuse after it.
     unsafe { b.launch(cfg) }.map_err(|e| Error::Driver(format!("{e:?}")))?;
     if nsplit > 1 {
-        let threads = hd.min(128) as u32;
-        let combine = k.function(&format!("attn_combine_{name}_{hd}"), threads, 0)?;
+        // The kernels' COMBINE_THREADS; shared memory: the split weights (room for a power of
+        // two of them, so few sizes are ever loaded), then one row of partial sums per group.
+        let threads = 128u32;
+        let groups = i64::from(threads) / (hd / 4);
+        let room = (nsplit as u64).next_power_of_two().max(64) as i64;
+        let smem = ((room + groups * hd) * 4) as u32;
+        let combine = k.function(&format!("attn_combine_{name}_{hd}"), threads, smem)?;
         let cfg = LaunchConfig {
             grid_dim: (geo.total_tokens as u32, (geo.hkv * geo.group) as u32, 1),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         let mut b = stream.launch_builder(&combine.func);
         b.arg(&p);
@@ -278,15 +295,15 @@ mod tests {
 
     #[test]
     fn splits_fill_whole_waves() {
-        // 8 key/value heads of one request on 132 multiprocessors x 3 blocks: 48 splits (384 of
-        // 396 slots), not 50 (400 blocks: a second wave of 4).
-        assert_eq!(split_count(8, 396, 512), 48);
-        // 32 heads: 12 splits (384), not 13 (416).
-        assert_eq!(split_count(32, 396, 512), 12);
-        // Short keys cap the splits; more blocks than slots need none unless they even out the waves.
-        assert_eq!(split_count(8, 396, 4), 4);
-        assert_eq!(split_count(1024, 396, 1), 1);
-        assert_eq!(split_count(1024, 396, 4), 3);
-        assert_eq!(split_count(396, 396, 64), 1);
+        // 8 key/value heads of one request on 132 multiprocessors x 3 blocks: 49 splits (392
+        // of 396 slots), not 50 (400 blocks: a second wave of 4).
+        assert_eq!(split_count(8, 396, 131072, 512, 128), 49);
+        // 32 heads: 12 splits (384 blocks, one wave).
+        assert_eq!(split_count(32, 396, 131072, 512, 128), 12);
+        // Short keys cap the splits.
+        assert_eq!(split_count(8, 396, 1024, 4, 128), 4);
+        // More blocks than slots: splitting short keys only adds waves and overhead.
+        assert_eq!(split_count(1024, 396, 1024, 4, 128), 1);
+        assert_eq!(split_count(396, 396, 16384, 64, 128), 1);
     }
 }

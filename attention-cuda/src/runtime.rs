@@ -88,9 +88,12 @@ pub enum Tile {
         /// The most (token, head) pairs a block keeps.
         pairs: i64,
     },
-    /// m16n8k16 MMAs on the tensor cores for up to 64 pairs per block (bf16 and f16, head
-    /// dimension 32, 64 or 128).
-    TensorCores,
+    /// m16n8k16 MMAs on the tensor cores (bf16 and f16, head dimension 32, 64 or 128) for up
+    /// to `rows` pairs per block: 64, or 16 (one row tile, fewer registers: decode).
+    TensorCores {
+        /// 16 or 64.
+        rows: i64,
+    },
 }
 
 /// One instantiation of the kernels: element type, head dimension and tile.
@@ -111,7 +114,8 @@ impl Variant {
         let (dtype, hd) = (self.dtype, self.head_dim);
         match self.tile {
             Tile::CudaCores { pairs } => format!("attn_{cache}_{dtype}_{hd}_p{pairs}"),
-            Tile::TensorCores => format!("attn_{cache}_{dtype}_{hd}_mma"),
+            Tile::TensorCores { rows: 16 } => format!("attn_{cache}_{dtype}_{hd}_mma16"),
+            Tile::TensorCores { .. } => format!("attn_{cache}_{dtype}_{hd}_mma"),
         }
     }
 
@@ -128,7 +132,7 @@ impl Variant {
         ];
         d.push(match self.tile {
             Tile::CudaCores { pairs } => format!("-DATTN_PAIRS={pairs}"),
-            Tile::TensorCores => "-DATTN_MMA".into(),
+            Tile::TensorCores { .. } => "-DATTN_MMA".into(),
         });
         d
     }

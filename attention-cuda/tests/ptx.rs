@@ -19,6 +19,7 @@ fn every_kernel_compiles_to_ptx() -> Result<()> {
                     // Tensor cores: 16-bit types up to head dimension 128.
                     if dtype != "f32" && hd <= 128 {
                         names.push(format!("attn_{kind}_{dtype}_{hd}_mma"));
+                        names.push(format!("attn_{kind}_{dtype}_{hd}_mma16"));
                     }
                 }
                 for name in names {

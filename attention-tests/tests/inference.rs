@@ -509,18 +509,26 @@ fn dynamic_random_schedules_cuda_kernel() -> Result<()> {
     cuda_schedules("", Kind::Float, TOL, 220)
 }
 
+/// Tolerance of the bf16 schedules against the full forward in bf16: both sides round every
+/// activation to bf16 and cuBLAS is not bitwise reproducible between runs, so the worst token
+/// of 120 schedules moves between runs (up to 7.8e-2 seen on an H200); a wrong key, mask or
+/// block gives errors of order 1. `kernel_paths_agree_and_are_deterministic` (tests/cuda.rs)
+/// holds the tensor-core kernel to 2e-2 of the CUDA-core one on identical input.
+#[cfg(feature = "cuda")]
+const BF16_TOL: f64 = 1.5e-1;
+
 /// bf16 with the automatic kernel choice, against the full forward in bf16.
 #[cfg(feature = "cuda")]
 #[test]
 fn dynamic_random_schedules_cuda_kernel_bf16() -> Result<()> {
-    cuda_schedules("", Kind::BFloat16, 5e-2, 120)
+    cuda_schedules("", Kind::BFloat16, BF16_TOL, 120)
 }
 
 /// bf16 forced onto the tensor cores (MHA decode included).
 #[cfg(feature = "cuda")]
 #[test]
 fn dynamic_random_schedules_cuda_tensor_cores() -> Result<()> {
-    cuda_schedules("kernel = \"tensor-cores\"", Kind::BFloat16, 5e-2, 120)
+    cuda_schedules("kernel = \"tensor-cores\"", Kind::BFloat16, BF16_TOL, 120)
 }
 
 /// The paged kernel's params are checked when the context is built: an unknown kernel path is
