@@ -80,6 +80,29 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 #endif
 
+// The (row, token tile) of this block. Static cache: (blockIdx.y, blockIdx.x). Paged cache:
+// blockIdx.x enumerates the tiles of all requests, row r's starting at cu_q[r] / T + r (T =
+// tokens per tile; that leaves room for its ceil(lq / T) tiles, with at most one spare), so a
+// launch holds about total_tokens / T + n_rows blocks per (group, chunk, split), not
+// n_rows x the longest request's tiles. A spare block gets a tile past its row's tokens.
+template <bool PAGED>
+__device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile) {
+  if (!PAGED) {
+    row = blockIdx.y;
+    tile = blockIdx.x;
+    return;
+  }
+  const int* cu = reinterpret_cast<const int*>(p.cu_q);
+  const int g = blockIdx.x;
+  int lo = 0, hi = p.n_rows - 1;  // the last row whose first tile is at or before g
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu[mid] / p.tokens_per_tile + mid <= g) lo = mid; else hi = mid - 1;
+  }
+  row = lo;
+  tile = g - (cu[lo] / p.tokens_per_tile + lo);
+}
+
 // Element offset of key position t of (row, group) in the cache.
 template <bool PAGED>
 __device__ __forceinline__ long long cache_offset(const Params& p, int row, int g, int t, int hd) {
@@ -205,8 +228,8 @@ __device__ void attend(const Params& p) {
   float* sq = reinterpret_cast<float*>(smem + FRONT);            // [PAIRS][HD]
   float* snew = sq + PAIRS * HD;                                 // static: the rotated new key
 
-  const int row = blockIdx.y;
-  const int tile = blockIdx.x;
+  int row, tile;
+  block_tile<PAGED>(p, row, tile);
   const int z = blockIdx.z;
   const int split = z % p.nsplit;
   const int chunk = (z / p.nsplit) % p.nchunks;
@@ -610,29 +633,28 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     if (kb0 < end && kb0 <= wlim) {  // warp-uniform: otherwise every key is masked
       const T* sk = sk_buf + (stage * KT + off) * ROW;
       const T* sv = sv_buf + (stage * KT + off) * ROW;
-      // 3b. Scores of the warp's 16 rows against its keys (two n-tiles of 8 per chunk);
-      //     chunks past the last visible key are skipped.
+      // 3b. Scores of the warp's 16 rows against its keys (two n-tiles of 8 per chunk). The
+      //     k-steps are the outer loop so that the chunks' 2 x NC accumulator chains
+      //     interleave (MMA latency is hidden); chunks past the last visible key cost a few
+      //     MMAs and are masked below.
       float s[2 * NC][4];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) {
+      for (int j = 0; j < 2 * NC; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[2 * c][e] = s[2 * c + 1][e] = 0.f;
-        const int kb = kb0 + c * 16;
-        if (kb < end && kb <= wlim) {
+      for (int ks = 0; ks < KS; ++ks) {
+        unsigned a[4];
+        if (QREG) {
 #pragma unroll
-          for (int ks = 0; ks < KS; ++ks) {
-            unsigned b[4];
-            ldsm_x4(b, sk + (c * 16 + k_row) * ROW + k_col + ks * 16);
-            if (QREG) {
-              Mma<T>::run(s[2 * c], qa[QREG ? ks : 0], b[0], b[1]);
-              Mma<T>::run(s[2 * c + 1], qa[QREG ? ks : 0], b[2], b[3]);
-            } else {
-              unsigned a[4];
-              ldsm_x4(a, q_frag + ks * 16);
-              Mma<T>::run(s[2 * c], a, b[0], b[1]);
-              Mma<T>::run(s[2 * c + 1], a, b[2], b[3]);
-            }
-          }
+          for (int e = 0; e < 4; ++e) a[e] = qa[QREG ? ks : 0][e];
+        } else {
+          ldsm_x4(a, q_frag + ks * 16);
+        }
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          unsigned b[4];
+          ldsm_x4(b, sk + (c * 16 + k_row) * ROW + k_col + ks * 16);
+          Mma<T>::run(s[2 * c], a, b[0], b[1]);
+          Mma<T>::run(s[2 * c + 1], a, b[2], b[3]);
         }
       }
       // 3c. Mask, scale, online softmax per row (4 lanes share a row).
@@ -684,7 +706,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const int kb = kb0 + c * 16;
-        if (kb < end && kb <= wlim) {
+        if (kb < end && kb <= wlim) {  // warp-uniform: a fully masked chunk adds nothing
           const unsigned pa[4] = {Mma<T>::pack(s[2 * c][0], s[2 * c][1]), Mma<T>::pack(s[2 * c][2], s[2 * c][3]),
                                   Mma<T>::pack(s[2 * c + 1][0], s[2 * c + 1][1]),
                                   Mma<T>::pack(s[2 * c + 1][2], s[2 * c + 1][3])};
@@ -757,8 +779,8 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 // body is compiled, which needs fewer registers, so more blocks stay resident.
 template <typename T, int HD, bool PAGED, int MAXROWS>
 __device__ void attend_mma(const Params& p) {
-  const int row = blockIdx.y;
-  const int tile = blockIdx.x;
+  int row, tile;
+  block_tile<PAGED>(p, row, tile);
   const int chunk = (blockIdx.z / p.nsplit) % p.nchunks;
   const int g = blockIdx.z / (p.nsplit * p.nchunks);
   int q0, lq, kv_total;

@@ -214,7 +214,12 @@ pub(crate) fn launch(
     let attend = k.function(&variant.attend_name(paged), threads, smem)?;
     // Split-KV over whole waves of resident blocks (memory latency is hidden across them), in
     // splits of at least MIN_SPLIT_KEYS keys.
-    let blocks = geo.n_rows * tiles * geo.hkv * nchunks;
+    let work_tiles = if paged {
+        (geo.total_tokens + tokens_per_tile - 1) / tokens_per_tile
+    } else {
+        geo.n_rows * tiles
+    };
+    let blocks = work_tiles.max(geo.n_rows) * geo.hkv * nchunks;
     let max_splits = ((geo.max_keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
     let slots = attend.resident * k.sm_count;
     let nsplit = split_count(blocks, slots, geo.max_keys, max_splits, 2 * kt);
@@ -246,15 +251,20 @@ pub(crate) fn launch(
         (None, None)
     };
     let z = geo.hkv * nchunks * nsplit;
-    if geo.n_rows > 65535 || z > 65535 || tiles > i32::MAX as i64 {
+    // The paged kernels enumerate every request's token tiles along x (`block_tile`).
+    let (gx, gy) = if paged {
+        (geo.total_tokens / tokens_per_tile + geo.n_rows + 1, 1)
+    } else {
+        (tiles, geo.n_rows)
+    };
+    if gy > 65535 || z > 65535 || gx > i32::MAX as i64 {
         return Err(Error::Unsupported(format!(
-            "launch of {} rows x {z} (group, chunk, split) blocks",
-            geo.n_rows
+            "launch of {gx} x {gy} x {z} (group, chunk, split) blocks"
         )));
     }
     let stream = k.torch_stream(device)?;
     let cfg = LaunchConfig {
-        grid_dim: (tiles as u32, geo.n_rows as u32, z as u32),
+        grid_dim: (gx as u32, gy as u32, z as u32),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
