@@ -120,8 +120,8 @@ pub fn require_cuda(device: Device) -> Result<(), Error> {
 
 /// Which of the two attention kernels a `flash_decode` or `paged-attention-cuda` call runs.
 ///
-/// In a spec: `core_attention = { module = "paged-attention-cuda", params = { kernel =
-/// "tensor-cores" } }`.
+/// As the `paged-attention-cuda` kind's params: `kernel = "auto" | "cuda-cores" |
+/// "tensor-cores"` (for a dynamic context, in `DynamicContextOptions::paged_attention_params`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KernelPath {
