@@ -66,6 +66,19 @@ pub(crate) struct RunArgs {
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
+    /// On a CUDA device, run the inference contexts with libtorch ops only, not attention-cuda's
+    /// kernels (`flash_decode`, `paged-attention-cuda`), e.g. to compare the two.
+    #[arg(long)]
+    no_cuda_kernels: bool,
+}
+
+/// Whether the inference contexts use attention-cuda's kernels: on a CUDA device, in a build
+/// with the `cuda` feature, for head dimensions the kernels take, unless turned off.
+fn cuda_kernels(args: &RunArgs, model: &Model, device: Device) -> bool {
+    cfg!(feature = "cuda")
+        && device.is_cuda()
+        && !args.no_cuda_kernels
+        && [32, 64, 128, 256].contains(&model.config.kv_channels)
 }
 
 fn sync(device: Device) {
@@ -246,12 +259,14 @@ fn context_json(prefill: &Phase, decode: &Phase, kv_bytes: i64, err: f64) -> ser
     })
 }
 
-/// Prefill + decode in both contexts against the full forward.
+/// Prefill + decode in both contexts against the full forward; prints the report unless
+/// `quiet`.
 fn inference(
     args: &RunArgs,
     model: &Model,
     stack: &[&SelfAttention],
     device: Device,
+    quiet: bool,
 ) -> Result<serde_json::Value> {
     let c = &model.config;
     let (p, d, b, h) = (args.prompt_len, args.decode_steps, args.batch, c.hidden_size);
@@ -266,7 +281,12 @@ fn inference(
     let full = full_forward(stack, &x, rope)?;
 
     // Static context: one batch, prefill then single-token decode steps.
+    let kernels = cuda_kernels(args, model, device);
     let mut ctx = StaticInferenceContext::new(b, total)?;
+    #[cfg(feature = "cuda")]
+    if kernels {
+        ctx.set_flash_decode(Box::new(attention_cuda::decode::CudaFlashDecode::default()));
+    }
     sync(device);
     let t0 = Instant::now();
     let pre = step(stack, &x.narrow(0, 0, p), rope, &mut ctx)?;
@@ -293,6 +313,9 @@ fn inference(
         KvMemory::Blocks(blocks_per_request * b),
     );
     options.pp_layer_offset = stack.first().map_or(0, |l| l.layer_number() - 1);
+    if kernels {
+        options.paged_attention = "paged-attention-cuda".into();
+    }
     let mut dctx =
         DynamicInferenceContext::new(c, &options, kind, device, attention_core::registry()?)?;
     for r in 0..b {
@@ -340,10 +363,16 @@ fn inference(
     let dyn_err = max_err(&dyn_out.squeeze_dim(2), &full);
     let dynamic_json = context_json(&dyn_prefill, &dyn_decode, dctx.memory_bytes(), dyn_err);
 
-    if !args.json {
+    if !args.json && !quiet {
         println!(
-            "inference: batch {b}, prompt {p}, decode {d}, block size {}, token budget {}",
-            args.block_size, args.token_budget
+            "inference: batch {b}, prompt {p}, decode {d}, block size {}, token budget {}, {}",
+            args.block_size,
+            args.token_budget,
+            if kernels {
+                "attention-cuda kernels (flash_decode, paged-attention-cuda)"
+            } else {
+                "libtorch ops"
+            }
         );
         for (name, j) in [("static", &static_json), ("dynamic", &dynamic_json)] {
             println!(
@@ -355,7 +384,8 @@ fn inference(
             );
         }
     }
-    Ok(json!({ "static": static_json, "dynamic": dynamic_json }))
+    let kernels = if kernels { "attention-cuda" } else { "libtorch" };
+    Ok(json!({ "static": static_json, "dynamic": dynamic_json, "inference_kernels": kernels }))
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<()> {
@@ -386,7 +416,14 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
     }
     let training = training(args, &model, &built, device)?;
     let inference = match self_attention_stack(&built) {
-        Some(stack) => Some(inference(args, &model, &stack, device)?),
+        Some(stack) => {
+            // attention-cuda compiles its kernels on first use (NVRTC, seconds): one untimed
+            // pass first, so the timed one measures the kernels, not the compiler.
+            if cuda_kernels(args, &model, device) {
+                inference(args, &model, &stack, device, true)?;
+            }
+            Some(inference(args, &model, &stack, device, false)?)
+        }
         None => {
             if !args.json {
                 println!(
