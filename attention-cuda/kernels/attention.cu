@@ -61,7 +61,7 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 
 // 16-byte global -> shared copy that bypasses registers and L1 (sm_80+). With
 // -DATTN_SYNC_COPY (ATTENTION_CUDA_SYNC_COPIES=1) it is a plain load and store, for tools that
-// cannot follow cp.async (compute-sanitizer's racecheck); the barriers stay as they are.
+// cannot follow cp.async; the barriers stay as they are.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
 #ifdef ATTN_SYNC_COPY
   *reinterpret_cast<uint4*>(smem_dst) = *reinterpret_cast<const uint4*>(gmem_src);

@@ -139,8 +139,8 @@ impl Variant {
 }
 
 /// `ATTENTION_CUDA_SYNC_COPIES=1`: global-to-shared copies become plain loads and stores
-/// instead of `cp.async` (slower; for compute-sanitizer's racecheck, which cannot follow
-/// `cp.async`).
+/// instead of `cp.async` (slower; for tools that cannot follow `cp.async`. compute-sanitizer
+/// 2025.3.1's racecheck stops with an internal error on these kernels either way).
 fn sync_copies() -> bool {
     std::env::var_os("ATTENTION_CUDA_SYNC_COPIES").is_some_and(|v| v == "1")
 }
