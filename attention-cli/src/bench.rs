@@ -121,6 +121,20 @@ mod imp {
         }
     }
 
+    /// Causal core-attention input without mask, bias or packing (inference).
+    fn causal_input<'a>(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> CoreAttentionInput<'a> {
+        CoreAttentionInput {
+            query: q,
+            key: k,
+            value: v,
+            attention_mask: None,
+            attn_mask_type: AttnMaskType::Causal,
+            attention_bias: None,
+            packed_seq_params: None,
+            training: false,
+        }
+    }
+
     fn bf16(shape: &[i64], device: Device) -> Tensor {
         Tensor::randn(shape, (Kind::BFloat16, device))
     }
@@ -440,16 +454,7 @@ mod imp {
                         m.table.narrow(1, (l - 1) / bs, 1).squeeze_dim(1).to_kind(Kind::Int64);
                     let slots = last * bs + (l - 1) % bs;
                     let kernel = CudaPagedAttention::new(1.0 / (hd as f64).sqrt());
-                    let input = CoreAttentionInput {
-                        query: &q,
-                        key: &k,
-                        value: &v,
-                        attention_mask: None,
-                        attn_mask_type: AttnMaskType::Causal,
-                        attention_bias: None,
-                        packed_seq_params: None,
-                        training: false,
-                    };
+                    let input = causal_input(&q, &k, &v);
                     let pk = PagedKv {
                         key_cache: &m.kc,
                         value_cache: &m.vc,
@@ -544,16 +549,7 @@ mod imp {
                    table: &Tensor,
                    max_q: i64|
          -> Result<()> {
-            let input = CoreAttentionInput {
-                query: q,
-                key: k,
-                value: v,
-                attention_mask: None,
-                attn_mask_type: AttnMaskType::Causal,
-                attention_bias: None,
-                packed_seq_params: None,
-                training: false,
-            };
+            let input = causal_input(q, k, v);
             let n = slots.narrow(0, 0, q.size()[0]);
             let pk = PagedKv {
                 key_cache: &m.kc,
@@ -603,30 +599,21 @@ mod imp {
             let k = bf16(&[s, 1, hkv, hd], device);
             let v = bf16(&[s, 1, hkv, hd], device);
             let flops = 2.0 * (hq * s * s * hd) as f64;
+            let input = causal_input(&q, &k, &v);
+            let n = Tensor::arange(s, (Kind::Int64, device));
+            let pk = PagedKv {
+                key_cache: &m.kc,
+                value_cache: &m.vc,
+                slot_mapping: &n,
+                block_table: &m.table,
+                cu_seqlens_q: &cu,
+                seqlens_k: &m.kv_len,
+                max_seqlen_q: s,
+                max_seqlen_k: s,
+            };
             let mut per_path = Vec::new();
             for path in [KernelPath::Auto, KernelPath::CudaCores, KernelPath::TensorCores] {
                 let kernel = kernel.with_path(path);
-                let input = CoreAttentionInput {
-                    query: &q,
-                    key: &k,
-                    value: &v,
-                    attention_mask: None,
-                    attn_mask_type: AttnMaskType::Causal,
-                    attention_bias: None,
-                    packed_seq_params: None,
-                    training: false,
-                };
-                let n = Tensor::arange(s, (Kind::Int64, device));
-                let pk = PagedKv {
-                    key_cache: &m.kc,
-                    value_cache: &m.vc,
-                    slot_mapping: &n,
-                    block_table: &m.table,
-                    cu_seqlens_q: &cu,
-                    seqlens_k: &m.kv_len,
-                    max_seqlen_q: s,
-                    max_seqlen_k: s,
-                };
                 per_path.push(time(device, reps, 5, || {
                     let _ = kernel.run(&input, &pk)?;
                     Ok(())
