@@ -130,17 +130,49 @@ __device__ __forceinline__ void rotate(float* x, int hd, const Params& p, int po
   }
 }
 
-// Copies key tile [base, base + KT) of (row, group g) into one shared-memory stage (rows of
-// ROW elements) and commits it as one cp.async group. Cached positions and the step's new
+// Shared-memory rows of key, value and query tiles. With SWZ and at least 8 16-byte chunks
+// per row, rows are unpadded and chunk c of row r sits at chunk c ^ (r % 8) (an XOR swizzle):
+// the 16-byte copies of 8 lanes then fill one aligned 128-byte line of shared memory, and the
+// same chunk of 8 consecutive rows still lands in 8 distinct bank groups. Padded rows (one
+// extra chunk) avoid the bank conflicts too, but a row then straddles 128-byte lines, which
+// splits each warp's cp.async into more requests and re-requests global sectors (Nsight
+// Compute counted 1.5x the sectors of the data read from L2).
+template <typename T, int HD, bool SWZ>
+struct Rows {
+  static constexpr int VEC = 16 / (int)sizeof(T);
+  static constexpr bool SWIZZLED = SWZ && HD / VEC >= 8;
+  static constexpr int ROW = SWIZZLED ? HD : HD + VEC;  // elements per row
+  // Element offset of 16-byte chunk c of row r.
+  static __device__ __forceinline__ int at(int r, int c) {
+    return SWIZZLED ? r * HD + ((c ^ (r & 7)) * VEC) : r * ROW + c * VEC;
+  }
+  // The same for a row with r % 8 == sw, where sw comes from `lane_swizzle` inside a loop: the
+  // per-chunk offsets are then recomputed there, not hoisted out of it into registers.
+  static __device__ __forceinline__ int at(int r, int c, int sw) {
+    return SWIZZLED ? r * HD + ((c ^ sw) * VEC) : r * ROW + c * VEC;
+  }
+};
+
+// lane % 8, read afresh where it is called (volatile), so that the compiler does not keep
+// every swizzled fragment address of a loop live across it.
+__device__ __forceinline__ int lane_swizzle() {
+  int lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return lane & 7;
+}
+
+// Copies key tile [base, base + KT) of (row, group g) into one shared-memory stage (rows laid
+// out by L, a Rows) and commits it as one cp.async group. Cached positions and the step's new
 // tokens (positions >= cached, read from the new-key/value inputs) go through cp.async (16
-// bytes each, no register round trip); the static cache's new key (the rotated fp32 `snew`)
-// and positions >= end (zeros, so that masked keys never carry NaN into the value product)
-// through plain stores. The trip count is a compile-time constant, so the address arithmetic
-// (block-table reads of the paged cache) of all of a thread's copies is issued up front.
-template <typename T, int HD, int KT, int ROW, int NTHREADS, bool PAGED>
+// bytes each, no register round trip), except the static cache's new key, which
+// `put_new_key` writes once the stage has arrived; positions >= end get zeros (plain stores),
+// so that masked keys never carry NaN into the value product. The trip count is a
+// compile-time constant, so the address arithmetic (block-table reads of the paged cache) of
+// all of a thread's copies is issued up front.
+template <typename T, int HD, int KT, typename L, int NTHREADS, bool PAGED>
 __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int base, int end, int cached, int row,
-                                             int g, int q0, const float* snew, const T* knew, const T* vnew,
-                                             const T* kc, const T* vc) {
+                                             int g, int q0, const T* knew, const T* vnew, const T* kc,
+                                             const T* vc) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int CHUNKS = KT * (HD / VEC);
   static_assert(CHUNKS % NTHREADS == 0, "tile copy shape");
@@ -149,8 +181,8 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
     const int i = it * NTHREADS + threadIdx.x;
     const int j = i / (HD / VEC), c = (i % (HD / VEC)) * VEC;
     const int t = base + j;
-    T* dk = sk + j * ROW + c;
-    T* dv = sv + j * ROW + c;
+    T* dk = sk + L::at(j, c / VEC);
+    T* dv = sv + L::at(j, c / VEC);
     if (t < end && t < cached) {
       const long long off = cache_offset<PAGED>(p, row, g, t, HD) + c;
       cp_async16(dk, kc + off);
@@ -158,20 +190,30 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
     } else if (t < end) {
       const long long src = ((long long)(q0 + t - cached) * p.hkv + g) * HD + c;
       cp_async16(dv, vnew + src);
-      if (PAGED) {
-        cp_async16(dk, knew + src);
-      } else {
-        T tmp[VEC];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) tmp[e] = from_f<T>(snew[c + e]);
-        *reinterpret_cast<uint4*>(dk) = *reinterpret_cast<uint4*>(tmp);
-      }
+      if (PAGED) cp_async16(dk, knew + src);
     } else {
       *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
       *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
     }
   }
   cp_async_commit();
+}
+
+// Static cache: the step's new key (the rotated fp32 `snew`, rounded) into its row of key stage
+// sk, if position `cached` is in tile [base, base + KT) and before end. Called between the
+// stage's cp.async wait and the barrier that publishes it (its previous readers passed the
+// barrier before the wait).
+template <typename T, int HD, int KT, typename L>
+__device__ __forceinline__ void put_new_key(T* sk, int base, int end, int cached, const float* snew) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int j = cached - base;
+  if (j < 0 || j >= KT || cached >= end) return;
+  for (int c = threadIdx.x; c < HD / VEC; c += THREADS) {
+    T tmp[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) tmp[e] = from_f<T>(snew[c * VEC + e]);
+    *reinterpret_cast<uint4*>(sk + L::at(j, c)) = *reinterpret_cast<uint4*>(tmp);
+  }
 }
 
 // Appends new tokens [t0, t0 + ntok) of (row, group g) to the cache, 16 bytes at a time: the
@@ -210,9 +252,12 @@ struct Tile {
 template <typename T, int HD, int PAIRS, bool PAGED>
 __device__ void attend(const Params& p) {
   constexpr int VEC = 16 / sizeof(T);       // elements per 16-byte vector
-  constexpr int ROW = HD + VEC;             // padded shared-memory row (breaks bank conflicts)
   constexpr int KT = Tile<T, HD>::KT;       // keys per stage
   constexpr int KPW = KT / WARPS;           // keys per warp per stage
+  // Swizzled rows where a warp's keys span 8 rows (the 8 lanes of a phase then read 8 distinct
+  // rows' chunks), padded rows otherwise.
+  using L = Rows<T, HD, KPW >= 8>;
+  constexpr int ROW = L::ROW;
   constexpr int LPK = 32 / KPW;             // lanes per key in the score
   constexpr int DPL = HD / LPK;             // dims per lane in the score
   constexpr int PER_LANE = HD / 32;         // output dims per lane
@@ -297,8 +342,8 @@ __device__ void attend(const Params& p) {
 
   // 3a. Issues the copies of key tile `base` into stage `st`.
   auto load_tile = [&](int base, int st) {
-    load_kv_tile<T, HD, KT, ROW, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
-                                                 cached, row, g, q0, snew, knew, vnew, kc, vc);
+    load_kv_tile<T, HD, KT, L, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
+                                                 cached, row, g, q0, knew, vnew, kc, vc);
   };
 
   // Lane = part * KPW + kk: the 8 lanes of a 16-byte shared-memory access phase read the same
@@ -315,7 +360,10 @@ __device__ void attend(const Params& p) {
     } else {
       cp_async_wait<0>();
     }
+    if (!PAGED) put_new_key<T, HD, KT, L>(sk_buf + stage * KT * ROW, base, end, cached, snew);
     __syncthreads();
+    // The warp's rows start at a multiple of 8 when swizzled: row % 8 is kk % 8 (keys) and
+    // j % 8 (values) below.
     const T* sk = sk_buf + stage * KT * ROW + warp * KPW * ROW;
     const T* sv = sv_buf + stage * KT * ROW + warp * KPW * ROW;
     const int t = base + warp * KPW + kk;  // this lane's key position
@@ -324,11 +372,10 @@ __device__ void attend(const Params& p) {
     float s[PAIRS];
 #pragma unroll
     for (int k = 0; k < PAIRS; ++k) s[k] = 0.f;
-    const T* kr = sk + kk * ROW;
 #pragma unroll
     for (int c = 0; c < DPL / VEC; ++c) {
       const int dim = (c * LPK + part) * VEC;
-      uint4 raw = *reinterpret_cast<const uint4*>(kr + dim);
+      uint4 raw = *reinterpret_cast<const uint4*>(sk + L::at(kk, c * LPK + part));
       const T* kv = reinterpret_cast<const T*>(&raw);
       float kf[VEC];
 #pragma unroll
@@ -373,7 +420,8 @@ __device__ void attend(const Params& p) {
 #pragma unroll
     for (int j = 0; j < KPW; ++j) {
       float vf[PER_LANE];
-      const T* vr = sv + j * ROW + lane * PER_LANE;
+      static_assert(!L::SWIZZLED || VEC % PER_LANE == 0, "a lane's values stay in one chunk");
+      const T* vr = sv + L::at(j, lane * PER_LANE / VEC) + lane * PER_LANE % VEC;
 #pragma unroll
       for (int e = 0; e < PER_LANE; ++e) vf[e] = to_f(vr[e]);
 #pragma unroll
@@ -498,7 +546,8 @@ template <typename T, int HD, int MW, bool PAGED>
 __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0, int lq, int cached, int t0, int ntok,
                                                 int g, int h0, int nh, bool owner) {
   constexpr int VEC = 8;          // 16-bit elements per 16-byte vector
-  constexpr int ROW = HD + VEC;   // padded shared-memory row: ldmatrix phases hit 8 distinct banks
+  using L = Rows<T, HD, true>;    // swizzled rows (padded for head dim 32)
+  constexpr int ROW = L::ROW;
   constexpr int KT = MMA_KT;
   constexpr int KW = WARPS / MW;  // warps splitting each key tile
   constexpr int KPW = KT / KW;    // keys per warp per stage (16, 32 or 64)
@@ -519,8 +568,11 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   constexpr int STAGES_BYTES = 4 * KT * ROW * 2;
   constexpr int MERGE_BYTES = (KW * ROWS * AROW + 2 * KW * ROWS) * 4;
   constexpr int FRONT = STAGES_BYTES > MERGE_BYTES ? STAGES_BYTES : MERGE_BYTES;
-  T* sq = QREG ? sk_buf + KT * ROW : reinterpret_cast<T*>(smem + FRONT);  // [ROWS][ROW]
-  float* snew = reinterpret_cast<float*>(smem + FRONT + 16 * ROW * 2);
+  // Queries in a region of their own are only written by plain stores: padded rows keep their
+  // fragment addresses immediate offsets (fewer registers in the key loop).
+  using LQ = Rows<T, HD, QREG>;
+  T* sq = QREG ? sk_buf + KT * ROW : reinterpret_cast<T*>(smem + FRONT);  // [ROWS][LQ::ROW]
+  float* snew = reinterpret_cast<float*>(smem + FRONT + 16 * (HD + VEC) * 2);
 
   const int split = blockIdx.z % p.nsplit;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -536,13 +588,11 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   const int start = split * p.split_len;
   const int end = min(limit, start + p.split_len);
   auto load_tile = [&](int base, int st) {
-    load_kv_tile<T, HD, KT, ROW, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
-                                                 cached, row, g, q0, snew, knew, vnew, kc, vc);
+    load_kv_tile<T, HD, KT, L, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
+                                                 cached, row, g, q0, knew, vnew, kc, vc);
   };
-  // 0. The first key tile streams in while the queries are prepared, unless it holds the
-  //    static cache's new key (which it takes from the rotated `snew`, below).
-  const bool early = PAGED || start + KT <= cached;
-  if (early && start < end) load_tile(start, 0);
+  // 0. The first key tile streams in while the queries are prepared.
+  if (start < end) load_tile(start, 0);
 
   // 1. Queries (16-byte loads; rows past the block's pairs are zeros) and the static cache's
   //    new key (fp32), then rotary in place: fp32, each query rounded once.
@@ -554,7 +604,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     if (pi < pairs) {
       v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD + c);
     }
-    *reinterpret_cast<uint4*>(sq + pi * ROW + c) = v;
+    *reinterpret_cast<uint4*>(sq + LQ::at(pi, c / VEC)) = v;
   }
   if (!PAGED) {
     for (int d = threadIdx.x; d < HD; d += THREADS) snew[d] = to_f(knew[((long long)row * p.hkv + g) * HD + d]);
@@ -570,10 +620,11 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
       const int a = p.interleaved ? 2 * k : k, b = p.interleaved ? 2 * k + 1 : k + r;
       const float c = cs[k], sv_ = sn[k];
       if (pi < pairs) {
-        T* x = sq + pi * ROW;
-        const float xa = to_f(x[a]), xb = to_f(x[b]);
-        x[a] = from_f<T>(xa * c - xb * sv_);
-        x[b] = from_f<T>(xb * c + xa * sv_);
+        T& ea = sq[LQ::at(pi, a / VEC) + a % VEC];
+        T& eb = sq[LQ::at(pi, b / VEC) + b % VEC];
+        const float xa = to_f(ea), xb = to_f(eb);
+        ea = from_f<T>(xa * c - xb * sv_);
+        eb = from_f<T>(xb * c + xa * sv_);
       } else {
         const float xa = snew[a], xb = snew[b];
         snew[a] = xa * c - xb * sv_;
@@ -582,7 +633,6 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     }
     __syncthreads();
   }
-  if (!early && start < end) load_tile(start, 0);
 
   // 2. The first head chunk's first split appends this tile's new keys and values.
   if (owner) append_tokens<T, HD, PAGED>(p, row, g, q0, cached, t0, ntok, snew, knew, vnew, kc, vc);
@@ -590,11 +640,11 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   // The warp's query fragments: in registers for the whole key loop (QREG), or re-read from
   // shared memory per chunk.
   const int gq = lane / 4, tq = lane % 4;
-  const T* q_frag = sq + (mw * 16 + ((lane / 8) & 1) * 8 + lane % 8) * ROW + (lane / 16) * 8;
+  const int q_row = mw * 16 + ((lane / 8) & 1) * 8 + lane % 8, q_chunk = lane / 16;
   unsigned qa[QREG ? KS : 1][4];
   if (QREG) {
 #pragma unroll
-    for (int ks = 0; ks < (QREG ? KS : 1); ++ks) ldsm_x4(qa[ks], q_frag + ks * 16);
+    for (int ks = 0; ks < (QREG ? KS : 1); ++ks) ldsm_x4(qa[ks], sq + LQ::at(q_row, q_chunk + 2 * ks));
   }
   __syncthreads();  // every warp has its queries before stage 1 is overwritten
   // Last key each of this thread's two rows (gq, gq + 8) may see; -1 for padding rows.
@@ -615,8 +665,8 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 
   // ldmatrix row addresses: keys as the n dimension of the scores (non-transposed), keys as
   // the k dimension of the value product (transposed).
-  const int k_row = (lane / 16) * 8 + lane % 8, k_col = ((lane / 8) & 1) * 8;
-  const int v_row = ((lane / 8) & 1) * 8 + lane % 8, v_col = (lane / 16) * 8;
+  const int k_row = (lane / 16) * 8 + lane % 8, k_chunk = (lane / 8) & 1;
+  const int v_row = ((lane / 8) & 1) * 8 + lane % 8, v_chunk = lane / 16;
 
   for (int base = start, stage = 0; base < end; base += KT, stage ^= 1) {
     if (base + KT < end) {
@@ -625,12 +675,15 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     } else {
       cp_async_wait<0>();
     }
+    if (!PAGED) put_new_key<T, HD, KT, L>(sk_buf + stage * KT * ROW, base, end, cached, snew);
     __syncthreads();
     // The warp's KPW keys of this stage, one online-softmax step (one rescale) for all of them.
     constexpr int NC = KPW / 16;  // 16-key chunks
     const int off = kw * KPW;     // the warp's first key within the stage
     const int kb0 = base + off;   // its position
     if (kb0 < end && kb0 <= wlim) {  // warp-uniform: otherwise every key is masked
+      // The key and value rows each lane addresses below are all == lane (mod 8).
+      const int sw = lane_swizzle();
       const T* sk = sk_buf + (stage * KT + off) * ROW;
       const T* sv = sv_buf + (stage * KT + off) * ROW;
       // 3b. Scores of the warp's 16 rows against its keys (two n-tiles of 8 per chunk). The
@@ -647,12 +700,12 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
           for (int e = 0; e < 4; ++e) a[e] = qa[QREG ? ks : 0][e];
         } else {
-          ldsm_x4(a, q_frag + ks * 16);
+          ldsm_x4(a, sq + LQ::at(q_row, q_chunk + 2 * ks));
         }
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
           unsigned b[4];
-          ldsm_x4(b, sk + (c * 16 + k_row) * ROW + k_col + ks * 16);
+          ldsm_x4(b, sk + L::at(c * 16 + k_row, k_chunk + 2 * ks, sw));
           Mma<T>::run(s[2 * c], a, b[0], b[1]);
           Mma<T>::run(s[2 * c + 1], a, b[2], b[3]);
         }
@@ -713,7 +766,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
           for (int dn = 0; dn < HD / 16; ++dn) {
             unsigned b[4];
-            ldsm_x4_trans(b, sv + (c * 16 + v_row) * ROW + v_col + dn * 16);
+            ldsm_x4_trans(b, sv + L::at(c * 16 + v_row, v_chunk + 2 * dn, sw));
             Mma<T>::run(acc[2 * dn], pa, b[0], b[1]);
             Mma<T>::run(acc[2 * dn + 1], pa, b[2], b[3]);
           }

@@ -184,7 +184,10 @@ pub(crate) fn launch(
     let (variant, max_pairs, kt, smem) = if use_tensor_cores(path, kind, hd, &geo)? {
         // Two stages of keys and values (the merge reuses them), one row tile of queries, then
         // the static cache's fp32 new key.
-        let stages = 4 * MMA_KT * (hd + vec) * elt;
+        // Key/value rows of at least 8 16-byte chunks are swizzled, narrower ones padded
+        // (`Rows`); the decode build's own query rows are padded.
+        let row = if hd / vec >= 8 { hd } else { hd + vec };
+        let stages = 4 * MMA_KT * row * elt;
         let merge = (MMA_ROWS * (hd + 4) + 2 * MMA_ROWS) * 4;
         let smem = stages.max(merge) + 16 * (hd + vec) * elt + hd * 4;
         // Blocks of at most 16 pairs (decode) get the one-row-tile build.
@@ -196,8 +199,11 @@ pub(crate) fn launch(
         let (h, t) = tiling(MAX_PAIRS);
         let pairs = ((t * h) as u64).next_power_of_two() as i64;
         let kt = key_tile(hd, elt);
+        // Rows are swizzled where each warp takes at least 8 keys of a tile and a row holds at
+        // least 8 16-byte chunks, padded otherwise (`Rows`).
+        let row = if kt / WARPS >= 8 && hd / vec >= 8 { hd } else { hd + vec };
         // Two stages of keys and values (the warp merge reuses them), the queries, the new key.
-        let front = (4 * kt * (hd + vec) * elt).max(WARPS * pairs * (hd + 2) * 4);
+        let front = (4 * kt * row * elt).max(WARPS * pairs * (hd + 2) * 4);
         let smem = front + pairs * hd * 4 + hd * 4;
         (
             Variant { dtype: name, head_dim: hd, tile: Tile::CudaCores { pairs } },
