@@ -81,10 +81,14 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 #endif
 
 // The (row, token tile) of this block. Static cache: (blockIdx.y, blockIdx.x). Paged cache:
-// blockIdx.x enumerates the tiles of all requests, row r's starting at cu_q[r] / T + r (T =
-// tokens per tile; that leaves room for its ceil(lq / T) tiles, with at most one spare), so a
-// launch holds about total_tokens / T + n_rows blocks per (group, chunk, split), not
-// n_rows x the longest request's tiles. A spare block gets a tile past its row's tokens.
+// blockIdx.x enumerates the tiles of all requests, row r's starting at
+// first(r) = (cu_q[r] + r * (T - 1)) / T (T = tokens per tile). Consecutive starts are at least
+// ceil(lq / T) apart, so every row's tiles fit, with at most one spare per row and none when
+// T = 1 (decode); a launch holds first(n_rows) blocks per (group, chunk, split), not n_rows x
+// the longest request's tiles. A spare block gets a tile past its row's tokens and returns.
+__device__ __forceinline__ int first_tile(const int* cu, int r, int tokens_per_tile) {
+  return (cu[r] + r * (tokens_per_tile - 1)) / tokens_per_tile;
+}
 template <bool PAGED>
 __device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile) {
   if (!PAGED) {
@@ -93,14 +97,15 @@ __device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile)
     return;
   }
   const int* cu = reinterpret_cast<const int*>(p.cu_q);
-  const int g = blockIdx.x;
-  int lo = 0, hi = p.n_rows - 1;  // the last row whose first tile is at or before g
+  const int g = blockIdx.x, T = p.tokens_per_tile;
+  // The last row whose first tile is at or before g (first(r) <= g without the division).
+  int lo = 0, hi = p.n_rows - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (cu[mid] / p.tokens_per_tile + mid <= g) lo = mid; else hi = mid - 1;
+    if (cu[mid] + mid * (T - 1) < (g + 1) * T) lo = mid; else hi = mid - 1;
   }
   row = lo;
-  tile = g - (cu[lo] / p.tokens_per_tile + lo);
+  tile = g - first_tile(cu, lo, p.tokens_per_tile);
 }
 
 // Element offset of key position t of (row, group) in the cache.
@@ -108,8 +113,19 @@ template <bool PAGED>
 __device__ __forceinline__ long long cache_offset(const Params& p, int row, int g, int t, int hd) {
   if (PAGED) {
     const int* bt = reinterpret_cast<const int*>(p.block_table) + (long long)row * p.bt_stride;
-    long long blk = bt[t / p.block_size];
-    return ((blk * p.block_size + t % p.block_size) * p.hkv + g) * (long long)hd;
+    // Power-of-two block sizes (the usual ones) by shift and mask, others by division.
+    const int bs = p.block_size;
+    int i, j;
+    if ((bs & (bs - 1)) == 0) {
+      const int shift = __ffs(bs) - 1;
+      i = t >> shift;
+      j = t & (bs - 1);
+    } else {
+      i = t / bs;
+      j = t - i * bs;
+    }
+    const long long blk = bt[i];
+    return ((blk * bs + j) * p.hkv + g) * (long long)hd;
   } else {
     return (long long)t * p.seq_stride + (long long)(p.batch_offset + row) * p.batch_stride + (long long)g * hd;
   }
@@ -867,9 +883,10 @@ __device__ void attend_mma(const Params& p) {
 // Merges the splits: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M). Grid (tokens, heads),
 // COMBINE_THREADS threads, dynamic shared memory (nsplit + RG * HD) floats: the split weights,
 // then per-group partial sums. The threads split into RG groups of HD / 4 float4 columns;
-// group r sums splits r, r + RG, ... (several loads in flight per thread, not one split after
-// another).
+// group r sums splits r, r + RG, ... Each thread issues the loads of its first COMBINE_PREFETCH
+// partial rows before the log-sum-exps are reduced, so the kernel waits on memory about once.
 #define COMBINE_THREADS 128
+#define COMBINE_PREFETCH 16
 template <typename T, int HD>
 __device__ void combine(const Params& p) {
   constexpr int C4 = HD / 4;
@@ -885,6 +902,14 @@ __device__ void combine(const Params& p) {
   const float* lse = reinterpret_cast<const float*>(p.part_lse);
   const float* po = reinterpret_cast<const float*>(p.part_o);
   auto slot = [&](int s) { return ((long long)s * p.total_tokens + tok) * p.hq + head; };
+  const int r = tid / C4, c = (tid % C4) * 4;
+  // 0. This thread's first partial rows, in flight during step 1.
+  float4 pre[COMBINE_PREFETCH];
+#pragma unroll
+  for (int k = 0; k < COMBINE_PREFETCH; ++k) {
+    const int s = r + k * RG;
+    pre[k] = s < p.nsplit ? *reinterpret_cast<const float4*>(po + slot(s) * HD + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   // 1. The largest lse, then the weights 2^(lse_s - M) and their sum.
   float mx = -INFINITY;
   for (int s = tid; s < p.nsplit; s += COMBINE_THREADS) {
@@ -912,10 +937,18 @@ __device__ void combine(const Params& p) {
 #pragma unroll
   for (int i = 0; i < COMBINE_THREADS / 32; ++i) den += red[i];
   // 2. Weighted partial outputs, RG splits at a time.
-  const int r = tid / C4, c = (tid % C4) * 4;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int k = 0; k < COMBINE_PREFETCH; ++k) {
+    const int s = r + k * RG;
+    const float ws = s < p.nsplit ? w[s] : 0.f;
+    acc.x += ws * pre[k].x;
+    acc.y += ws * pre[k].y;
+    acc.z += ws * pre[k].z;
+    acc.w += ws * pre[k].w;
+  }
 #pragma unroll 4
-  for (int s = r; s < p.nsplit; s += RG) {
+  for (int s = r + COMBINE_PREFETCH * RG; s < p.nsplit; s += RG) {
     const float ws = w[s];
     const float4 v = *reinterpret_cast<const float4*>(po + slot(s) * HD + c);
     acc.x += ws * v.x;
@@ -940,12 +973,28 @@ __device__ void combine(const Params& p) {
 // attn_{static|paged}_{bf16|f16}_{head dim}_mma and _mma16 (tensor cores, head dim <= 128; up
 // to 64 or 16 pairs per block),
 // attn_combine_{dtype}_{head dim}.
-#define ATTN_ATTEND(TNAME, T, HD, P)                                                                    \
-  extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_p##P(Params p) { \
-    attend<T, HD, P, false>(p);                                                                         \
-  }                                                                                                     \
-  extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD##_p##P(Params p) {  \
-    attend<T, HD, P, true>(p);                                                                          \
+// Launch bounds of the CUDA-core builds. The fp32 builds of 4 and 8 pairs and the fp16 build of
+// 8 pairs state 2 resident blocks: left to its own heuristic, ptxas caps some of them at 128 or
+// 168 registers and spills a few bytes (`every_kernel_fits_in_registers` in tests/ptx.rs).
+#define ATTN_BOUNDS(TNAME, P) ATTN_BOUNDS_##TNAME##_##P
+#define ATTN_BOUNDS_bf16_1 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_bf16_2 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_bf16_4 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_bf16_8 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_f16_1 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_f16_2 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_f16_4 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_f16_8 __launch_bounds__(THREADS, 2)
+#define ATTN_BOUNDS_f32_1 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_f32_2 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_f32_4 __launch_bounds__(THREADS, 2)
+#define ATTN_BOUNDS_f32_8 __launch_bounds__(THREADS, 2)
+#define ATTN_ATTEND(TNAME, T, HD, P)                                                                 \
+  extern "C" __global__ void ATTN_BOUNDS(TNAME, P) attn_static_##TNAME##_##HD##_p##P(Params p) {   \
+    attend<T, HD, P, false>(p);                                                                      \
+  }                                                                                                  \
+  extern "C" __global__ void ATTN_BOUNDS(TNAME, P) attn_paged_##TNAME##_##HD##_p##P(Params p) {    \
+    attend<T, HD, P, true>(p);                                                                       \
   }
 #define ATTN_ATTEND_MMA(TNAME, T, HD)                                                                       \
   extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_mma(Params p) {      \

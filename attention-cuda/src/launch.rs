@@ -257,9 +257,10 @@ pub(crate) fn launch(
         (None, None)
     };
     let z = geo.hkv * nchunks * nsplit;
-    // The paged kernels enumerate every request's token tiles along x (`block_tile`).
+    // The paged kernels enumerate every request's token tiles along x (`block_tile`): row r's
+    // start at (cu_q[r] + r (T - 1)) / T, the end of the last row at the same for r = n_rows.
     let (gx, gy) = if paged {
-        (geo.total_tokens / tokens_per_tile + geo.n_rows + 1, 1)
+        ((geo.total_tokens + geo.n_rows * (tokens_per_tile - 1)) / tokens_per_tile, 1)
     } else {
         (tiles, geo.n_rows)
     };

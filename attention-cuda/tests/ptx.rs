@@ -1,13 +1,16 @@
-//! Every kernel variant compiles with NVRTC for sm_90, on a machine without a GPU: this
-//! catches kernel compile errors in CI. Needs the `cuda` feature and the NVRTC of the
-//! project's PyTorch wheel. Variants are compiled one by one (as a GPU run loads them), spread
-//! over the machine's cores.
+//! Every kernel variant compiles with NVRTC for sm_90 and assembles without register spills,
+//! on a machine without a GPU: this catches kernel compile errors and spills in CI. Needs the
+//! `cuda` feature and the project's PyTorch wheel (its NVRTC, and `torch/bin/ptxas`, the CUDA
+//! 13.0 assembler). Variants are compiled one by one (as a GPU run loads them), spread over
+//! the machine's cores.
 #![cfg(feature = "cuda")]
 
+use std::path::Path;
+use std::process::Command;
 use std::sync::Mutex;
 
 use anyhow::{Result, bail};
-use attention_cuda::runtime::{Tile, Variant, compile_ptx};
+use attention_cuda::runtime::{Tile, Variant, compile_ptx, toolkit_dir};
 
 /// Every variant the launcher can ask for.
 fn variants() -> Vec<Variant> {
@@ -27,7 +30,10 @@ fn variants() -> Vec<Variant> {
     all
 }
 
-fn check(arch: &'static str, v: Variant) -> Result<()> {
+/// Compiles `v`, checks its entry points, then assembles the PTX with `ptxas` into `dir` and
+/// requires every entry to keep its registers (no spill stores to local memory: ptxas decides
+/// register budgets by its own heuristics, which a small kernel change can tip into spilling).
+fn check(arch: &'static str, v: Variant, ptxas: &Path, dir: &Path) -> Result<()> {
     let ptx = compile_ptx(arch, Some(v))?.to_src();
     let mut names = vec![format!("attn_combine_{}_{}", v.dtype, v.head_dim)];
     for paged in [false, true] {
@@ -42,15 +48,39 @@ fn check(arch: &'static str, v: Variant) -> Result<()> {
             bail!("{arch}: no entry {name} in the PTX of {v:?}");
         }
     }
-    // No local-memory spills of the register arrays.
+    // No local-memory arrays in the PTX itself.
     if ptx.contains(".local") {
         bail!("{arch}: the PTX of {v:?} uses local memory");
+    }
+    let file = dir.join(format!("{}_{}_{:?}.ptx", v.dtype, v.head_dim, v.tile));
+    std::fs::write(&file, ptx)?;
+    let out = Command::new(ptxas)
+        .args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"])
+        .arg(&file)
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("ptxas failed on {v:?}: {log}");
+    }
+    // "Compiling entry function 'NAME' for 'sm_90'" comes before the entry's
+    // "N bytes stack frame, S bytes spill stores, L bytes spill loads".
+    let mut entry = "";
+    let mut spills = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("entry function '").nth(1) {
+            entry = rest.split('\'').next().unwrap_or("");
+        } else if line.contains("spill stores") && !line.contains(" 0 bytes spill stores") {
+            spills.push(format!("{entry}: {}", line.trim()));
+        }
+    }
+    if !spills.is_empty() {
+        bail!("{arch}: register spills\n{}", spills.join("\n"));
     }
     Ok(())
 }
 
-#[test]
-fn every_kernel_compiles_to_ptx() -> Result<()> {
+/// Runs `check` on every variant, spread over the machine's cores; fails with every failure.
+fn for_every_variant(check: impl Fn(Variant) -> Result<()> + Sync) -> Result<()> {
     let queue = Mutex::new(variants());
     let failures = Mutex::new(Vec::new());
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
@@ -60,7 +90,7 @@ fn every_kernel_compiles_to_ptx() -> Result<()> {
                 loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
                     let Some(v) = next else { break };
-                    if let Err(e) = check("sm_90", v) {
+                    if let Err(e) = check(v) {
                         failures.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
                     }
                 }
@@ -72,4 +102,17 @@ fn every_kernel_compiles_to_ptx() -> Result<()> {
         bail!("{} variants failed:\n{}", failures.len(), failures.join("\n"));
     }
     Ok(())
+}
+
+#[test]
+fn every_kernel_compiles_and_keeps_its_registers() -> Result<()> {
+    let ptxas = toolkit_dir()?.0.join("../../torch/bin/ptxas");
+    if !ptxas.exists() {
+        bail!("no ptxas at {} (it ships in the PyTorch wheel)", ptxas.display());
+    }
+    let dir = std::env::temp_dir().join(format!("attention-ptx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = for_every_variant(|v| check("sm_90", v, &ptxas, &dir));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
