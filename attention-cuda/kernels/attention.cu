@@ -108,6 +108,41 @@ __device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile)
   tile = g - first_tile(cu, lo, p.tokens_per_tile);
 }
 
+// The end of both kernels: merges NW slices of the keys per pair (slice s of pair k has maximum
+// mm[s * stride + k], sum ll[s * stride + k] and output row aa + (s * stride + k) * arow, in
+// shared memory) and writes the normalised output (one split) or the split's partial output and
+// log-sum-exp (base 2). Pair k is new token q0 + t0 + k / nh, query head h0 + k % nh.
+template <typename T, int HD, int NW>
+__device__ __forceinline__ void merge_and_store(const Params& p, int split, int pairs, int q0, int t0, int h0, int nh,
+                                                const float* mm, const float* ll, const float* aa, int stride,
+                                                int arow) {
+  for (int i = threadIdx.x; i < pairs * HD; i += THREADS) {
+    const int k = i / HD, d = i % HD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < NW; ++s) mx = fmaxf(mx, mm[s * stride + k]);
+    float lsum = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int s = 0; s < NW; ++s) {
+        const float f = exp2f(mm[s * stride + k] - mx);
+        lsum += ll[s * stride + k] * f;
+        o += aa[(s * stride + k) * arow + d] * f;
+      }
+    }
+    const long long tok = q0 + t0 + k / nh;
+    const int head = h0 + k % nh;
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    if (p.nsplit == 1) {
+      reinterpret_cast<T*>(p.out)[(tok * p.hq + head) * HD + d] = from_f<T>(o * inv);
+    } else {
+      const long long slot = ((long long)split * p.total_tokens + tok) * p.hq + head;
+      reinterpret_cast<float*>(p.part_o)[slot * HD + d] = o * inv;
+      if (d == 0) reinterpret_cast<float*>(p.part_lse)[slot] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
+    }
+  }
+}
+
 // Element offset of key position t of (row, group) in the cache.
 template <bool PAGED>
 __device__ __forceinline__ long long cache_offset(const Params& p, int row, int g, int t, int hd) {
@@ -474,31 +509,7 @@ __device__ void attend(const Params& p) {
     for (int e = 0; e < PER_LANE; ++e) aa[(warp * PAIRS + k) * HD + lane * PER_LANE + e] = acc[k][e];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < pairs * HD; i += THREADS) {
-    int k = i / HD, d = i % HD;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w2 = 0; w2 < WARPS; ++w2) mx = fmaxf(mx, mm[w2 * PAIRS + k]);
-    float lsum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int w2 = 0; w2 < WARPS; ++w2) {
-        float f = exp2f(mm[w2 * PAIRS + k] - mx);
-        lsum += ll[w2 * PAIRS + k] * f;
-        o += aa[(w2 * PAIRS + k) * HD + d] * f;
-      }
-    }
-    long long tok = q0 + t0 + k / nh;
-    int head = h0 + k % nh;
-    float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-    if (p.nsplit == 1) {
-      reinterpret_cast<T*>(p.out)[(tok * p.hq + head) * HD + d] = from_f<T>(o * inv);
-    } else {
-      long long slot = ((long long)split * p.total_tokens + tok) * p.hq + head;
-      reinterpret_cast<float*>(p.part_o)[slot * HD + d] = o * inv;
-      if (d == 0) reinterpret_cast<float*>(p.part_lse)[slot] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
-    }
-  }
+  merge_and_store<T, HD, WARPS>(p, split, pairs, q0, t0, h0, nh, mm, ll, aa, PAIRS, HD);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -816,31 +827,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < pairs * HD; i += THREADS) {
-    int k = i / HD, d = i % HD;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w2 = 0; w2 < KW; ++w2) mx = fmaxf(mx, mm[w2 * ROWS + k]);
-    float lsum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int w2 = 0; w2 < KW; ++w2) {
-        float f = exp2f(mm[w2 * ROWS + k] - mx);
-        lsum += ll[w2 * ROWS + k] * f;
-        o += aa[(w2 * ROWS + k) * AROW + d] * f;
-      }
-    }
-    long long tok = q0 + t0 + k / nh;
-    int head = h0 + k % nh;
-    float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-    if (p.nsplit == 1) {
-      reinterpret_cast<T*>(p.out)[(tok * p.hq + head) * HD + d] = from_f<T>(o * inv);
-    } else {
-      long long slot = ((long long)split * p.total_tokens + tok) * p.hq + head;
-      reinterpret_cast<float*>(p.part_o)[slot * HD + d] = o * inv;
-      if (d == 0) reinterpret_cast<float*>(p.part_lse)[slot] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
-    }
-  }
+  merge_and_store<T, HD, KW>(p, split, pairs, q0, t0, h0, nh, mm, ll, aa, ROWS, AROW);
 }
 
 // The tensor-core kernel: the block's pairs decide how its warps split rows and keys. With
