@@ -13,7 +13,8 @@
 //!   two parts in two calls.
 //!
 //! Time: each case runs `iters` times between device synchronisations, repeated `reps` times;
-//! the median repeat is reported.
+//! the median repeat is reported. The JSON also records the GPU and driver, the UTC date, and
+//! the commit HEAD named when the binary was built (uncommitted changes are not recorded).
 
 use std::path::PathBuf;
 
@@ -181,10 +182,19 @@ mod imp {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        let out = json!({"gpu": gpu, "copy_gb_per_s": copy, "results": report.rows});
+        let date = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let commit = env!("ATTN_GIT_COMMIT");
+        let out = json!({"gpu": gpu, "date": date, "commit": commit, "copy_gb_per_s": copy, "results": report.rows});
         std::fs::write(&args.json_out, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("writing {}", args.json_out.display()))?;
-        println!("GPU: {gpu}; JSON written to {}", args.json_out.display());
+        println!(
+            "GPU: {gpu}; {date}; built from commit {commit}; JSON written to {}",
+            args.json_out.display()
+        );
         Ok(())
     }
 
