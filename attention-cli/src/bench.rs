@@ -122,20 +122,6 @@ mod imp {
         }
     }
 
-    /// Causal core-attention input without mask, bias or packing (inference).
-    fn causal_input<'a>(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> CoreAttentionInput<'a> {
-        CoreAttentionInput {
-            query: q,
-            key: k,
-            value: v,
-            attention_mask: None,
-            attn_mask_type: AttnMaskType::Causal,
-            attention_bias: None,
-            packed_seq_params: None,
-            training: false,
-        }
-    }
-
     fn bf16(shape: &[i64], device: Device) -> Tensor {
         Tensor::randn(shape, (Kind::BFloat16, device))
     }
@@ -279,20 +265,8 @@ mod imp {
                     let mk2 = || bf16(&[s, b, h, hd], device).set_requires_grad(true);
                     let (q2, k2, v2) = (mk2(), mk2(), mk2());
                     let g2 = bf16(&[s, b, h * hd], device);
-                    let input = CoreAttentionInput {
-                        query: &q2,
-                        key: &k2,
-                        value: &v2,
-                        attention_mask: None,
-                        attn_mask_type: if causal {
-                            AttnMaskType::Causal
-                        } else {
-                            AttnMaskType::NoMask
-                        },
-                        attention_bias: None,
-                        packed_seq_params: None,
-                        training: false,
-                    };
+                    let mask = if causal { AttnMaskType::Causal } else { AttnMaskType::NoMask };
+                    let input = CoreAttentionInput::new(&q2, &k2, &v2, mask);
                     let ours = time(device, reps, 10, || {
                         let _ = attn.forward(&input)?;
                         Ok(())
@@ -464,7 +438,7 @@ mod imp {
                         m.table.narrow(1, (l - 1) / bs, 1).squeeze_dim(1).to_kind(Kind::Int64);
                     let slots = last * bs + (l - 1) % bs;
                     let kernel = CudaPagedAttention::new(1.0 / (hd as f64).sqrt());
-                    let input = causal_input(&q, &k, &v);
+                    let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
                     let pk = PagedKv {
                         key_cache: &m.kc,
                         value_cache: &m.vc,
@@ -559,7 +533,7 @@ mod imp {
                    table: &Tensor,
                    max_q: i64|
          -> Result<()> {
-            let input = causal_input(q, k, v);
+            let input = CoreAttentionInput::new(q, k, v, AttnMaskType::Causal);
             let n = slots.narrow(0, 0, q.size()[0]);
             let pk = PagedKv {
                 key_cache: &m.kc,
@@ -609,7 +583,7 @@ mod imp {
             let k = bf16(&[s, 1, hkv, hd], device);
             let v = bf16(&[s, 1, hkv, hd], device);
             let flops = 2.0 * (hq * s * s * hd) as f64;
-            let input = causal_input(&q, &k, &v);
+            let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
             let n = Tensor::arange(s, (Kind::Int64, device));
             let pk = PagedKv {
                 key_cache: &m.kc,

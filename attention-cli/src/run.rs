@@ -78,7 +78,7 @@ fn cuda_kernels(args: &RunArgs, model: &Model, device: Device) -> bool {
     cfg!(feature = "cuda")
         && device.is_cuda()
         && !args.no_cuda_kernels
-        && [32, 64, 128, 256].contains(&model.config.kv_channels)
+        && attention_cuda::KERNEL_HEAD_DIMS.contains(&model.config.kv_channels)
 }
 
 fn sync(device: Device) {

@@ -80,7 +80,7 @@ pub(crate) fn dtype_name(kind: Kind) -> Result<&'static str, Error> {
 
 /// Head dimensions the kernels are built for.
 pub(crate) fn check_head_dim(hd: i64) -> Result<(), Error> {
-    if [32, 64, 128, 256].contains(&hd) {
+    if crate::KERNEL_HEAD_DIMS.contains(&hd) {
         Ok(())
     } else {
         Err(Error::Unsupported(format!("head dimension {hd} (32, 64, 128 or 256)")))

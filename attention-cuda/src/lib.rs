@@ -136,6 +136,9 @@ pub enum KernelPath {
     TensorCores,
 }
 
+/// Head dimensions the `flash_decode` and `paged-attention-cuda` kernels are built for.
+pub const KERNEL_HEAD_DIMS: [i64; 4] = [32, 64, 128, 256];
+
 /// The kinds this crate registers.
 pub const BUILTIN_KINDS: &[&str] = &["paged-attention-cuda", "sdpa-cuda"];
 

@@ -16,7 +16,7 @@ use attention_cuda::runtime::{Tile, Variant, compile_ptx, toolkit_dir};
 fn variants() -> Vec<Variant> {
     let mut all = Vec::new();
     for dtype in ["bf16", "f16", "f32"] {
-        for head_dim in [32, 64, 128, 256] {
+        for head_dim in attention_cuda::KERNEL_HEAD_DIMS {
             for pairs in [1, 2, 4, 8] {
                 all.push(Variant { dtype, head_dim, tile: Tile::CudaCores { pairs } });
             }

@@ -584,16 +584,7 @@ impl InferenceContext for DynamicInferenceContext {
         // 2. Append and attend over the paged prefix.
         let key_cache = self.memory.f_select(0, 0)?.f_select(0, idx)?;
         let value_cache = self.memory.f_select(0, 1)?.f_select(0, idx)?;
-        let input = CoreAttentionInput {
-            query: &query,
-            key: &key,
-            value: &value,
-            attention_mask: None,
-            attn_mask_type: AttnMaskType::Causal,
-            attention_bias: None,
-            packed_seq_params: None,
-            training: false,
-        };
+        let input = CoreAttentionInput::new(&query, &key, &value, AttnMaskType::Causal);
         let paged = PagedKv {
             key_cache: &key_cache,
             value_cache: &value_cache,

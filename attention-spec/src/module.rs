@@ -114,6 +114,27 @@ pub struct CoreAttentionInput<'a> {
     pub training: bool,
 }
 
+impl<'a> CoreAttentionInput<'a> {
+    /// Queries, keys and values with a mask type; no mask tensor, bias or packing, eval mode.
+    pub fn new(
+        query: &'a Tensor,
+        key: &'a Tensor,
+        value: &'a Tensor,
+        attn_mask_type: AttnMaskType,
+    ) -> Self {
+        Self {
+            query,
+            key,
+            value,
+            attention_mask: None,
+            attn_mask_type,
+            attention_bias: None,
+            packed_seq_params: None,
+            training: false,
+        }
+    }
+}
+
 /// What went wrong in a forward: bad input caught before any kernel ran, or libtorch.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

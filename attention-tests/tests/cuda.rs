@@ -331,16 +331,7 @@ fn kernel_paths_agree_and_are_deterministic() -> Result<()> {
         let mut per_path: Vec<(Tensor, Tensor)> = Vec::new();
         for path in [KernelPath::CudaCores, KernelPath::TensorCores] {
             let kernel = CudaPagedAttention::new(0.125).with_path(path);
-            let input = CoreAttentionInput {
-                query: &q,
-                key: &k,
-                value: &v,
-                attention_mask: None,
-                attn_mask_type: AttnMaskType::Causal,
-                attention_bias: None,
-                packed_seq_params: None,
-                training: false,
-            };
+            let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
             let (k0, v0) = (kc.copy(), vc.copy());
             let mut first: Option<(Tensor, Tensor, Tensor)> = None;
             for run in 0..30 {

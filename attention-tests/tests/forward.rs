@@ -699,16 +699,7 @@ fn bad_core_attention_input_is_a_typed_error() -> Result<()> {
         let Attention::SelfAttention(a) = &built.attn else { bail!("expected a self attention") };
         let ca = a.core_attention();
         let call = |q: &Tensor, k: &Tensor, v: &Tensor| {
-            ca.forward(&CoreAttentionInput {
-                query: q,
-                key: k,
-                value: v,
-                attention_mask: None,
-                attn_mask_type: AttnMaskType::Causal,
-                attention_bias: None,
-                packed_seq_params: None,
-                training: false,
-            })
+            ca.forward(&CoreAttentionInput::new(q, k, v, AttnMaskType::Causal))
         };
         let q = randn(&[4, 2, NH, HN]);
         let k = randn(&[4, 2, 2, HN]);
