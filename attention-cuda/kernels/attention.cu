@@ -80,8 +80,11 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 #endif
 
-// The (row, token tile) of this block. Static cache: (blockIdx.y, blockIdx.x). Paged cache:
-// blockIdx.x enumerates the tiles of all requests, row r's starting at
+// The (row, token tile, z = (group, chunk, split)) of this block. Static cache: (blockIdx.y,
+// blockIdx.x, blockIdx.z). Paged cache: the blocks are renumbered so that z varies fastest and
+// the tiles run from the last to the first (a request's last tiles see the most keys, so the
+// longest blocks start first and the short ones fill the tail); the tile index g enumerates
+// the tiles of all requests, row r's starting at
 // first(r) = (cu_q[r] + r * (T - 1)) / T (T = tokens per tile). Consecutive starts are at least
 // ceil(lq / T) apart, so every row's tiles fit, with at most one spare per row and none when
 // T = 1 (decode); a launch holds first(n_rows) blocks per (group, chunk, split), not n_rows x
@@ -90,14 +93,17 @@ __device__ __forceinline__ int first_tile(const int* cu, int r, int tokens_per_t
   return (cu[r] + r * (tokens_per_tile - 1)) / tokens_per_tile;
 }
 template <bool PAGED>
-__device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile) {
+__device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile, int& z) {
   if (!PAGED) {
     row = blockIdx.y;
     tile = blockIdx.x;
+    z = blockIdx.z;
     return;
   }
+  const int linear = blockIdx.x + gridDim.x * blockIdx.z;
+  z = linear % gridDim.z;
   const int* cu = reinterpret_cast<const int*>(p.cu_q);
-  const int g = blockIdx.x, T = p.tokens_per_tile;
+  const int g = gridDim.x - 1 - linear / gridDim.z, T = p.tokens_per_tile;
   // The last row whose first tile is at or before g (first(r) <= g without the division).
   int lo = 0, hi = p.n_rows - 1;
   while (lo < hi) {
@@ -324,9 +330,8 @@ __device__ void attend(const Params& p) {
   float* sq = reinterpret_cast<float*>(smem + FRONT);            // [PAIRS][HD]
   float* snew = sq + PAIRS * HD;                                 // static: the rotated new key
 
-  int row, tile;
-  block_tile<PAGED>(p, row, tile);
-  const int z = blockIdx.z;
+  int row, tile, z;
+  block_tile<PAGED>(p, row, tile, z);
   const int split = z % p.nsplit;
   const int chunk = (z / p.nsplit) % p.nchunks;
   const int g = z / (p.nsplit * p.nchunks);
@@ -571,7 +576,7 @@ constexpr int MMA_ROWS = 64;
 
 template <typename T, int HD, int MW, bool PAGED>
 __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0, int lq, int cached, int t0, int ntok,
-                                                int g, int h0, int nh, bool owner) {
+                                                int g, int paged_split, int h0, int nh, bool owner) {
   constexpr int VEC = 8;          // 16-bit elements per 16-byte vector
   using L = Rows<T, HD, true>;    // swizzled rows (padded for head dim 32)
   constexpr int ROW = L::ROW;
@@ -601,7 +606,8 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   T* sq = QREG ? sk_buf + KT * ROW : reinterpret_cast<T*>(smem + FRONT);  // [ROWS][LQ::ROW]
   float* snew = reinterpret_cast<float*>(smem + FRONT + 16 * (HD + VEC) * 2);
 
-  const int split = blockIdx.z % p.nsplit;
+  // Re-read where it is free (static: blockIdx.z), which keeps a register across the prologue.
+  const int split = PAGED ? paged_split : blockIdx.z % p.nsplit;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int mw = warp % MW, kw = warp / MW;
   const int pairs = ntok * nh;
@@ -737,24 +743,34 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
           Mma<T>::run(s[2 * c + 1], a, b[2], b[3]);
         }
       }
-      // 3c. Mask, scale, online softmax per row (4 lanes share a row).
+      // 3c. Mask (only where the warp's keys pass the split's end or a row's last visible key;
+      //     padding rows are never stored), then the online softmax per row (4 lanes share a
+      //     row) in the log2 domain: the raw maximum times the scale (positive, checked by the
+      //     host), probabilities exp2(s x scale - m) in one FMA each.
+      const int klast = kb0 + KPW - 1;
+      const bool inside = klast < end && (qlim[0] < 0 || klast <= qlim[0]) && (qlim[1] < 0 || klast <= qlim[1]);
+      if (!__all_sync(0xffffffff, inside)) {
+#pragma unroll
+        for (int j = 0; j < 2 * NC; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = kb0 + j * 8 + 2 * tq + (e & 1);
+            if (!(key < end && key <= qlim[e / 2])) s[j][e] = -INFINITY;
+          }
+        }
+      }
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int j = 0; j < 2 * NC; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2, key = kb0 + j * 8 + 2 * tq + (e & 1);
-          const float v = (key < end && key <= qlim[h]) ? s[j][e] * p.scale_log2 : -INFINITY;
-          s[j][e] = v;
-          mx[h] = fmaxf(mx[h], v);
-        }
+        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
       }
       float corr[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h]);
+        const float m_new = fmaxf(m[h], mx[h] * p.scale_log2);
         const float ref = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
         corr[h] = exp2f(m[h] - ref);
         m[h] = m_new;
@@ -765,7 +781,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
       for (int j = 0; j < 2 * NC; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[j][e] = exp2f(s[j][e] - mx[e / 2]);
+          s[j][e] = exp2f(fmaf(s[j][e], p.scale_log2, -mx[e / 2]));
           rs[e / 2] += s[j][e];
         }
       }
@@ -835,10 +851,10 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 // body is compiled, which needs fewer registers, so more blocks stay resident.
 template <typename T, int HD, bool PAGED, int MAXROWS>
 __device__ void attend_mma(const Params& p) {
-  int row, tile;
-  block_tile<PAGED>(p, row, tile);
-  const int chunk = (blockIdx.z / p.nsplit) % p.nchunks;
-  const int g = blockIdx.z / (p.nsplit * p.nchunks);
+  int row, tile, z;
+  block_tile<PAGED>(p, row, tile, z);
+  const int chunk = (z / p.nsplit) % p.nchunks;
+  const int g = z / (p.nsplit * p.nchunks);
   int q0, lq, kv_total;
   if (PAGED) {
     const int* cu = reinterpret_cast<const int*>(p.cu_q);
@@ -857,13 +873,13 @@ __device__ void attend_mma(const Params& p) {
   const int h0 = g * p.group + chunk * p.heads_per_chunk;
   const int nh = min(p.heads_per_chunk, p.group - chunk * p.heads_per_chunk);
   const int pairs = ntok * nh;
-  const bool owner = chunk == 0 && blockIdx.z % p.nsplit == 0;
+  const bool owner = chunk == 0 && z % p.nsplit == 0;
   if (MAXROWS == 16 || pairs <= 16) {
-    attend_mma_rows<T, HD, 1, PAGED>(p, row, q0, lq, cached, t0, ntok, g, h0, nh, owner);
+    attend_mma_rows<T, HD, 1, PAGED>(p, row, q0, lq, cached, t0, ntok, g, z % p.nsplit, h0, nh, owner);
   } else if (pairs <= 32) {
-    attend_mma_rows<T, HD, 2, PAGED>(p, row, q0, lq, cached, t0, ntok, g, h0, nh, owner);
+    attend_mma_rows<T, HD, 2, PAGED>(p, row, q0, lq, cached, t0, ntok, g, z % p.nsplit, h0, nh, owner);
   } else {
-    attend_mma_rows<T, HD, 4, PAGED>(p, row, q0, lq, cached, t0, ntok, g, h0, nh, owner);
+    attend_mma_rows<T, HD, 4, PAGED>(p, row, q0, lq, cached, t0, ntok, g, z % p.nsplit, h0, nh, owner);
   }
 }
 
@@ -962,7 +978,7 @@ __device__ void combine(const Params& p) {
 // attn_combine_{dtype}_{head dim}.
 // Launch bounds of the CUDA-core builds. The fp32 builds of 4 and 8 pairs and the fp16 build of
 // 8 pairs state 2 resident blocks: left to its own heuristic, ptxas caps some of them at 128 or
-// 168 registers and spills a few bytes (`every_kernel_fits_in_registers` in tests/ptx.rs).
+// 168 registers and spills a few bytes (tests/ptx.rs fails on any spill).
 #define ATTN_BOUNDS(TNAME, P) ATTN_BOUNDS_##TNAME##_##P
 #define ATTN_BOUNDS_bf16_1 __launch_bounds__(THREADS)
 #define ATTN_BOUNDS_bf16_2 __launch_bounds__(THREADS)
@@ -983,11 +999,18 @@ __device__ void combine(const Params& p) {
   extern "C" __global__ void ATTN_BOUNDS(TNAME, P) attn_paged_##TNAME##_##HD##_p##P(Params p) {    \
     attend<T, HD, P, true>(p);                                                                       \
   }
+// Launch bounds of the tensor-core builds of up to 64 pairs: head dim 32 states one resident
+// block (no occupancy target), without which ptxas capped its static build at 96 registers and
+// spilled 20 bytes; on head dim 64 the same statement costs a resident block, so it stays there.
+#define ATTN_MMA_BOUNDS(HD) ATTN_MMA_BOUNDS_##HD
+#define ATTN_MMA_BOUNDS_32 __launch_bounds__(THREADS, 1)
+#define ATTN_MMA_BOUNDS_64 __launch_bounds__(THREADS)
+#define ATTN_MMA_BOUNDS_128 __launch_bounds__(THREADS)
 #define ATTN_ATTEND_MMA(TNAME, T, HD)                                                                       \
-  extern "C" __global__ void __launch_bounds__(THREADS) attn_static_##TNAME##_##HD##_mma(Params p) {      \
+  extern "C" __global__ void ATTN_MMA_BOUNDS(HD) attn_static_##TNAME##_##HD##_mma(Params p) {             \
     attend_mma<T, HD, false, MMA_ROWS>(p);                                                                 \
   }                                                                                                        \
-  extern "C" __global__ void __launch_bounds__(THREADS) attn_paged_##TNAME##_##HD##_mma(Params p) {       \
+  extern "C" __global__ void ATTN_MMA_BOUNDS(HD) attn_paged_##TNAME##_##HD##_mma(Params p) {              \
     attend_mma<T, HD, true, MMA_ROWS>(p);                                                                  \
   }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_static_##TNAME##_##HD##_mma16(Params p) { \

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 use crate::Error;
 pub use crate::KernelPath;
 use crate::launch::{
-    Geometry, Params, check_head_dim, check_tensor, cuda_index, dtype_name, launch,
+    Geometry, Params, check_head_dim, check_tensor, cuda_index, dtype_name, launch, scale_log2,
 };
 
 fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
@@ -61,6 +61,7 @@ impl CudaFlashDecode {
                 s.batch_offset + b
             )));
         }
+        let scale = scale_log2(s.softmax_scale)?;
         let kind = s.query.kind();
         dtype_name(kind)?;
         check_head_dim(hd)?;
@@ -94,7 +95,7 @@ impl CudaFlashDecode {
             seq_stride: max_batch * ngp * hd,
             batch_stride: ngp * hd,
             batch_offset: s.batch_offset as i32,
-            scale_log2: (s.softmax_scale * std::f64::consts::LOG2_E) as f32,
+            scale_log2: scale,
             ..Params::default()
         };
         if let Some(r) = s.rotary {
@@ -185,6 +186,7 @@ impl CudaPagedAttention {
         if paged.value_cache.size() != [nb, bs, ngp, hd] {
             return Err(Error::Input("value_cache and key_cache differ in shape".into()));
         }
+        let scale = scale_log2(self.scale)?;
         let kind = input.query.kind();
         dtype_name(kind)?;
         check_head_dim(hd)?;
@@ -231,7 +233,7 @@ impl CudaPagedAttention {
             block_table: paged.block_table.data_ptr() as u64,
             block_size: bs as i32,
             bt_stride: bt[1] as i32,
-            scale_log2: (self.scale * std::f64::consts::LOG2_E) as f32,
+            scale_log2: scale,
             ..Params::default()
         };
         let geo = Geometry {

@@ -78,6 +78,17 @@ pub(crate) fn dtype_name(kind: Kind) -> Result<&'static str, Error> {
     }
 }
 
+/// The kernels' softmax scale: `scale` x log2(e) as f32. The tensor-core kernel scales the raw
+/// score maximum, so the scale must be positive (and stay so in f32).
+pub(crate) fn scale_log2(scale: f64) -> Result<f32, Error> {
+    let s = (scale * std::f64::consts::LOG2_E) as f32;
+    if s.is_finite() && s > 0.0 {
+        Ok(s)
+    } else {
+        Err(Error::Input(format!("softmax scale {scale}: must be positive and finite")))
+    }
+}
+
 /// Head dimensions the kernels are built for.
 pub(crate) fn check_head_dim(hd: i64) -> Result<(), Error> {
     if crate::KERNEL_HEAD_DIMS.contains(&hd) {
@@ -145,15 +156,75 @@ fn use_tensor_cores(path: KernelPath, kind: Kind, hd: i64, geo: &Geometry) -> Re
     }
 }
 
-/// How many splits of `keys` keys `blocks` blocks get, with `slots` blocks resident at once.
-/// A launch of n splits takes about waves(n) x (keys / n + `overhead`) key-times (a last wave
-/// of a few blocks takes as long as a full one; `overhead` prices a block's prologue, epilogue
-/// and share of the combine in keys); the fewest splits within 1% of the cheapest up to
-/// `max_splits` win.
-fn split_count(blocks: i64, slots: i64, keys: i64, max_splits: i64, overhead: i64) -> i64 {
-    let (blocks, slots, keys) = (blocks.max(1), slots.max(1), keys.max(1));
+/// Bytes of keys and values one block has in flight when the rule below was measured (the
+/// bf16 head-dimension-128 tensor-core build: one stage of 64 keys, keys and values).
+const REFERENCE_STAGE_BYTES: i64 = 2 * 64 * 128 * 2;
+
+/// What the split-KV choice looks at.
+#[derive(Debug, Clone, Copy)]
+struct SplitInput {
+    /// Blocks without splits (row tiles x key/value heads x head chunks).
+    units: i64,
+    sms: i64,
+    /// Blocks resident at once (multiprocessors x resident blocks).
+    slots: i64,
+    /// Key and value bytes of one shared-memory stage.
+    stage_bytes: i64,
+    /// Keys of the longest row.
+    keys: i64,
+    /// Keys per stage.
+    kt: i64,
+    /// Most splits (splits of at least `MIN_SPLIT_KEYS` keys).
+    max_splits: i64,
+    /// Paged cache with blocks smaller than a stage (each stage gathers several pages).
+    gathered: bool,
+}
+
+/// How many splits the keys of `units` blocks get.
+///
+/// Decode streams keys and values: it needs enough bytes in flight, and every split costs a
+/// block start, partial rows and the combine. Measured on an H200 (bf16, head dim 128):
+/// - in one wave, about two blocks per multiprocessor with 32 KB stages saturate DRAM (128,
+///   192, 256, 384 blocks: 79, 90, 94, 93% of the copy bandwidth), more splits only cost (256
+///   requests x 8 heads: 96% unsplit, 87% in three splits of two waves); stages that gather
+///   16-token pages want half as many again (3 per multiprocessor: 92% against 88% at 2);
+/// - with more blocks than slots, one split is right when the last wave alone has enough
+///   blocks or there are many waves (4096 blocks in 5.2 waves: 102%); a few waves with a thin
+///   last one (the CUDA-core build's 1024 blocks in 1.3 waves: 88%, 98% in three splits) are
+///   left to the wave cost of `wave_split`.
+///
+/// So: the fewest splits that give `enough` blocks (5% short of two per multiprocessor of
+/// the reference stage size, proportionally more for smaller stages, at most one wave), one
+/// split when the blocks already fill the machine as above, `wave_split` otherwise.
+fn split_count(s: SplitInput) -> i64 {
+    let (units, slots, max_splits) = (s.units.max(1), s.slots.max(1), s.max_splits.max(1));
+    let mut wanted = 2 * s.sms.max(1) * REFERENCE_STAGE_BYTES / s.stage_bytes.max(1);
+    if s.gathered {
+        wanted = wanted * 3 / 2;
+    }
+    let wanted = wanted.clamp(1, slots);
+    let enough = (wanted * 19 + 19) / 20;
+    if units < enough {
+        let mut n = (enough + units - 1) / units;
+        if units * n > slots {
+            n = (slots / units).max(1);
+        }
+        return n.clamp(1, max_splits);
+    }
+    let tail = units % slots;
+    if units <= slots || units >= 4 * slots || tail == 0 || tail >= enough {
+        return 1;
+    }
+    wave_split(units, slots, s.keys, max_splits, 2 * s.kt)
+}
+
+/// Splits by wave cost: n splits take about waves(n) x (keys / n + `overhead`) key-times (a
+/// last wave of a few blocks takes as long as a full one; `overhead` prices a block's
+/// prologue, epilogue and share of the combine in keys); the fewest within 1% of the cheapest.
+fn wave_split(units: i64, slots: i64, keys: i64, max_splits: i64, overhead: i64) -> i64 {
+    let keys = keys.max(1);
     let cost = |n: i64| {
-        let waves = (blocks * n + slots - 1) / slots;
+        let waves = (units * n + slots - 1) / slots;
         (waves * ((keys + n - 1) / n + overhead)) as f64
     };
     let candidates = 1..=max_splits.clamp(1, 4096);
@@ -218,8 +289,7 @@ pub(crate) fn launch(
     let k = kernels(device, variant)?;
     let smem = smem as u32;
     let attend = k.function(&variant.attend_name(paged), threads, smem)?;
-    // Split-KV over whole waves of resident blocks (memory latency is hidden across them), in
-    // splits of at least MIN_SPLIT_KEYS keys.
+    // Split-KV (`split_count`), in splits of at least MIN_SPLIT_KEYS keys.
     let work_tiles = if paged {
         (geo.total_tokens + tokens_per_tile - 1) / tokens_per_tile
     } else {
@@ -228,7 +298,16 @@ pub(crate) fn launch(
     let blocks = work_tiles.max(geo.n_rows) * geo.hkv * nchunks;
     let max_splits = ((geo.max_keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
     let slots = attend.resident * k.sm_count;
-    let nsplit = split_count(blocks, slots, geo.max_keys, max_splits, 2 * kt);
+    let nsplit = split_count(SplitInput {
+        units: blocks,
+        sms: k.sm_count,
+        slots,
+        stage_bytes: 2 * kt * hd * elt,
+        keys: geo.max_keys,
+        kt,
+        max_splits,
+        gathered: paged && i64::from(p.block_size) < kt,
+    });
     let per_split = (geo.max_keys + nsplit - 1) / nsplit;
     let split_len = ((per_split + kt - 1) / kt * kt).max(kt);
     let nsplit = ((geo.max_keys + split_len - 1) / split_len).max(1);
@@ -264,7 +343,8 @@ pub(crate) fn launch(
     } else {
         (tiles, geo.n_rows)
     };
-    if gy > 65535 || z > 65535 || gx > i32::MAX as i64 {
+    // The paged kernels renumber their blocks with an int: gx x z must fit.
+    if gy > 65535 || z > 65535 || gx * z > i32::MAX as i64 {
         return Err(Error::Unsupported(format!(
             "launch of {gx} x {gy} x {z} (group, chunk, split) blocks"
         )));
@@ -308,19 +388,74 @@ pub(crate) fn launch(
 
 #[cfg(test)]
 mod tests {
-    use super::split_count;
+    use super::{SplitInput, scale_log2, split_count};
 
     #[test]
-    fn splits_fill_whole_waves() {
-        // 8 key/value heads of one request on 132 multiprocessors x 3 blocks: 49 splits (392
-        // of 396 slots), not 50 (400 blocks: a second wave of 4).
-        assert_eq!(split_count(8, 396, 131072, 512, 128), 49);
-        // 32 heads: 12 splits (384 blocks, one wave).
-        assert_eq!(split_count(32, 396, 131072, 512, 128), 12);
-        // Short keys cap the splits.
-        assert_eq!(split_count(8, 396, 1024, 4, 128), 4);
-        // More blocks than slots: splitting short keys only adds waves and overhead.
-        assert_eq!(split_count(1024, 396, 1024, 4, 128), 1);
-        assert_eq!(split_count(396, 396, 16384, 64, 128), 1);
+    fn softmax_scale_must_be_positive_and_finite() {
+        assert_eq!(scale_log2(1.0).ok(), Some(std::f64::consts::LOG2_E as f32));
+        for bad in [0.0, -0.125, f64::NAN, f64::INFINITY, 1e-300] {
+            let err = scale_log2(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("softmax scale"), "{bad}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn splits_give_enough_blocks_in_flight() {
+        let stage = super::REFERENCE_STAGE_BYTES;
+        // 132 multiprocessors, 3 blocks of 32 KB stages each (251 blocks are enough).
+        let h200 = |units, keys, max_splits| {
+            split_count(SplitInput {
+                units,
+                sms: 132,
+                slots: 396,
+                stage_bytes: stage,
+                keys,
+                kt: 64,
+                max_splits,
+                gathered: false,
+            })
+        };
+        // 8 key/value heads of one request: 32 splits (256 blocks); 64 units: 4; 256: none.
+        assert_eq!(h200(8, 131072, 512), 32);
+        assert_eq!(h200(64, 16384, 64), 4);
+        assert_eq!(h200(256, 4096, 16), 1);
+        // 200 units: two splits would start a second wave of 4 blocks.
+        assert_eq!(h200(200, 4096, 16), 1);
+        // A thin last wave (1024 blocks, 232 in the third wave): the wave cost decides, and
+        // keeps short keys whole.
+        assert_eq!(h200(1024, 1024, 4), 1);
+        // Many waves, or a last wave of enough blocks: no split.
+        assert_eq!(h200(4096, 1024, 4), 1);
+        assert_eq!(h200(396 + 260, 4096, 16), 1);
+        assert_eq!(h200(8, 1024, 4), 4, "at most max_splits");
+        // Half-size stages want twice the blocks; gathered pages half as many again.
+        let small = |units, slots, keys, gathered| {
+            split_count(SplitInput {
+                units,
+                sms: 132,
+                slots,
+                stage_bytes: stage / 2,
+                keys,
+                kt: 32,
+                max_splits: keys / 256,
+                gathered,
+            })
+        };
+        assert_eq!(small(32, 792, 131072, false), 16);
+        assert_eq!(small(32, 792, 131072, true), 24);
+        // 1024 blocks in 1.3 waves of 792: the wave cost splits them in three (3.9 waves).
+        assert_eq!(small(1024, 792, 4096, false), 3);
+        // Degenerate inputs stay at one split.
+        let none = SplitInput {
+            units: 0,
+            sms: 0,
+            slots: 0,
+            stage_bytes: 0,
+            keys: 0,
+            kt: 0,
+            max_splits: 0,
+            gathered: false,
+        };
+        assert_eq!(split_count(none), 1);
     }
 }
