@@ -59,26 +59,14 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
-// 16-byte global -> shared copy that bypasses registers and L1 (sm_80+). With
-// -DATTN_SYNC_COPY (ATTENTION_CUDA_SYNC_COPIES=1) it is a plain load and store, for tools that
-// cannot follow cp.async; the barriers stay as they are.
+// 16-byte global -> shared copy that bypasses registers and L1 (sm_80+).
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-#ifdef ATTN_SYNC_COPY
-  *reinterpret_cast<uint4*>(smem_dst) = *reinterpret_cast<const uint4*>(gmem_src);
-#else
   unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
-#endif
 }
-#ifdef ATTN_SYNC_COPY
-__device__ __forceinline__ void cp_async_commit() {}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
-#else
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-#endif
 
 // The (row, token tile, z = (group, chunk, split)) of this block. Static cache: (blockIdx.y,
 // blockIdx.x, blockIdx.z). Paged cache: the blocks are renumbered so that z varies fastest and

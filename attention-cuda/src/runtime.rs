@@ -1,8 +1,8 @@
 //! Finding NVRTC and the CUDA headers, compiling the kernels, loading them per device, and
 //! launching on libtorch's current stream.
 //!
-//! The kernels (`kernels/attention.cu`) are compiled with NVRTC the first time a device needs
-//! them, for that device's architecture, and cached for the process. NVRTC
+//! The kernels (`kernels/attention.cu`) are compiled with NVRTC to machine code the first time a
+//! device needs them, for that device's architecture, and cached for the process. NVRTC
 //! (`libnvrtc.so.13`, `libnvrtc-builtins.so.13.0`) and the headers (`cuda_bf16.h`) come from the
 //! PyTorch wheel's `nvidia/cu13` folder next to the libtorch in use: the one this crate was
 //! built against, one found through `LD_LIBRARY_PATH`, or `ATTENTION_CUDA_DIR` (a folder with
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 use crate::Error;
 
@@ -138,35 +138,77 @@ impl Variant {
     }
 }
 
-/// `ATTENTION_CUDA_SYNC_COPIES=1`: global-to-shared copies become plain loads and stores
-/// instead of `cp.async` (slower; for tools that cannot follow `cp.async`. compute-sanitizer
-/// 2025.3.1's racecheck stops with an internal error on these kernels either way).
-fn sync_copies() -> bool {
-    std::env::var_os("ATTENTION_CUDA_SYNC_COPIES").is_some_and(|v| v == "1")
-}
-
 /// Compiles the kernels to PTX for `arch` (e.g. `sm_90`): one variant, or all of them. Needs
 /// NVRTC, not a GPU.
 pub fn compile_ptx(arch: &'static str, variant: Option<Variant>) -> Result<Ptx, Error> {
+    let bytes = nvrtc_compile(arch, variant, false)?;
+    Ok(Ptx::from_src(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// Compiles the kernels to machine code (CUBIN) for `arch`, a real architecture such as
+/// `sm_90`: what `kernels` loads. NVRTC's own assembler does the work, so nothing is left to
+/// the driver's PTX compiler at load time (which may be another version than the `ptxas` the
+/// PTX test checks registers with). Needs NVRTC, not a GPU.
+pub fn compile_cubin(arch: &'static str, variant: Option<Variant>) -> Result<Vec<u8>, Error> {
+    nvrtc_compile(arch, variant, true)
+}
+
+fn nvrtc_compile(arch: &str, variant: Option<Variant>, cubin: bool) -> Result<Vec<u8>, Error> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::{CStr, CString};
     let dir = load_nvrtc()?;
-    let mut options = vec!["-std=c++17".to_string(), "--extra-device-vectorization".into()];
+    let mut options = vec![
+        format!("--include-path={}", dir.0.join("include").display()),
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        "--extra-device-vectorization".into(),
+    ];
     match variant {
         Some(v) => options.extend(v.defines()),
         None => options.push("-DATTN_ALL".into()),
     }
-    if sync_copies() {
-        options.push("-DATTN_SYNC_COPY".into());
-    }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        include_paths: vec![dir.0.join("include").display().to_string()],
-        options,
-        name: Some("attention.cu".into()),
-        ..Default::default()
+    let nvrtc = |what: &str, e: cudarc::nvrtc::result::NvrtcError| {
+        Error::Compile(format!("NVRTC {what}: {e:?} (options {options:?})"))
     };
-    catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts))
+    let build = || -> Result<Vec<u8>, Error> {
+        let src = CString::new(SOURCE).map_err(|e| Error::Compile(e.to_string()))?;
+        let name = c"attention.cu";
+        let prog = result::create_program(&src, Some(name)).map_err(|e| nvrtc("create", e))?;
+        #[expect(unsafe_code, reason = "NVRTC's C API: compile, read the output, free")]
+        // SAFETY: `prog` comes from create_program above and is destroyed exactly once, after
+        // the last call that uses it; each output buffer has the size NVRTC reported for it.
+        let out = unsafe {
+            let out = match result::compile_program(prog, &options) {
+                Err(e) => {
+                    let log = result::get_program_log(prog).unwrap_or_default();
+                    let log = CStr::from_ptr(log.as_ptr()).to_string_lossy().into_owned();
+                    Err(Error::Compile(format!("{e:?} (options {options:?}): {log}")))
+                }
+                Ok(()) if cubin => {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(prog, &mut size)
+                        .result()
+                        .map_err(|e| nvrtc("CUBIN size", e))
+                        .and_then(|()| {
+                            let mut buf = vec![0u8; size];
+                            sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
+                                .result()
+                                .map_err(|e| nvrtc("CUBIN", e))?;
+                            Ok(buf)
+                        })
+                }
+                Ok(()) => result::get_ptx(prog).map_err(|e| nvrtc("PTX", e)).map(|ptx| {
+                    // NUL-terminated C characters.
+                    ptx.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect()
+                }),
+            };
+            let _ = result::destroy_program(prog);
+            out
+        };
+        out
+    };
+    catch_unwind(std::panic::AssertUnwindSafe(build))
         .map_err(|_| Error::Toolkit("NVRTC could not be loaded".into()))?
-        .map_err(|e| Error::Compile(format!("{e:?}")))
 }
 
 /// One compiled variant on one device.
@@ -221,8 +263,9 @@ pub fn kernels(ordinal: usize, variant: Variant) -> Result<Arc<Kernels>, Error> 
         ctx.disable_event_tracking();
     }
     let (major, minor) = ctx.compute_capability().map_err(|e| Error::Driver(format!("{e:?}")))?;
-    let ptx = compile_ptx(arch_name(major, minor)?, Some(variant))?;
-    let module = ctx.load_module(ptx).map_err(|e| Error::Driver(format!("{e:?}")))?;
+    let cubin = compile_cubin(arch_name(major, minor)?, Some(variant))?;
+    let module =
+        ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| Error::Driver(format!("{e:?}")))?;
     let sm_count = ctx
         .attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,

@@ -116,3 +116,27 @@ fn every_kernel_compiles_and_keeps_its_registers() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
+
+/// What a GPU run loads: NVRTC's machine code for the device's architecture (an ELF image
+/// with the variant's entry points), not PTX left to the driver.
+#[test]
+fn kernels_compile_to_machine_code() -> Result<()> {
+    let v = Variant { dtype: "bf16", head_dim: 128, tile: Tile::TensorCores { rows: 64 } };
+    let cubin = attention_cuda::runtime::compile_cubin("sm_90", Some(v))?;
+    if !cubin.starts_with(b"\x7fELF") {
+        bail!("not an ELF image: {:?}", &cubin[..cubin.len().min(16)]);
+    }
+    let has = |name: &str| cubin.windows(name.len()).any(|w| w == name.as_bytes());
+    for paged in [false, true] {
+        let name = v.attend_name(paged);
+        if !has(&name) {
+            bail!("no {name} in the CUBIN");
+        }
+    }
+    // The compile error path names the problem (an architecture NVRTC does not know).
+    let err = attention_cuda::runtime::compile_cubin("sm_1", Some(v)).err();
+    match err {
+        Some(e) if e.to_string().contains("sm_1") => Ok(()),
+        other => bail!("unexpected {other:?}"),
+    }
+}
