@@ -283,20 +283,63 @@ fn flash_decode_step_replays_in_a_cuda_graph() -> Result<()> {
 }
 
 /// Bitwise-identical outputs and caches over repeated launches on the same input, for both
-/// kernel paths and both caches: a race between a block's warps (or between blocks) would show
-/// as run-to-run differences. (compute-sanitizer's racecheck cannot run these kernels: it stops
-/// with an internal error.) And the two paths agree on the same bf16 input: the tensor-core
-/// path differs from the CUDA-core one (itself exact in fp32 against the full forward) only by
-/// rounding the probabilities to bf16 for the value product.
+/// kernel paths, both caches, every dtype and head dimension: a race between a block's warps
+/// (or between blocks) would show as run-to-run differences. It calls nothing but the kernels
+/// and tensor copies, so it is also the test to run under compute-sanitizer's racecheck (the
+/// model-stack tests run bf16 cuBLAS GEMMs, on which racecheck stops with an internal error).
+/// And the two paths agree on the same 16-bit input: the tensor-core path differs from the
+/// CUDA-core one (itself exact in fp32 against the full forward) only by rounding the
+/// probabilities to the element type for the value product.
 #[test]
 fn kernel_paths_agree_and_are_deterministic() -> Result<()> {
+    tch::manual_seed(11);
+    let both = [KernelPath::CudaCores, KernelPath::TensorCores];
+    for kind in [Kind::BFloat16, Kind::Half] {
+        for hd in [32i64, 64, 128] {
+            let per_path = repeated_runs(kind, hd, &both)?;
+            let (cc, tc) = (&per_path[0], &per_path[1]);
+            let what = format!("{kind:?} hd {hd}");
+            assert_close(
+                &tc.0,
+                &cc.0,
+                2e-2,
+                2e-2,
+                &format!("{what}: paged, tensor vs CUDA cores"),
+            )?;
+            assert_close(
+                &tc.1,
+                &cc.1,
+                2e-2,
+                2e-2,
+                &format!("{what}: static, tensor vs CUDA cores"),
+            )?;
+        }
+    }
+    // The CUDA-core builds the tensor cores do not cover: fp32, and head dimension 256.
+    for hd in [32, 64, 128, 256] {
+        repeated_runs(Kind::Float, hd, &[KernelPath::CudaCores])?;
+    }
+    for kind in [Kind::BFloat16, Kind::Half] {
+        repeated_runs(kind, 256, &[KernelPath::CudaCores])?;
+    }
+    Ok(())
+}
+
+/// Launches per case in `repeated_runs`: 30, or `ATTENTION_TEST_REPEATS` (at least 2; under
+/// racecheck, which sees a race in a single run, 2 keep the run to minutes).
+fn repeats() -> usize {
+    std::env::var("ATTENTION_TEST_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(30).max(2)
+}
+
+/// Runs one paged step (a decode, a chunk, a prompt) and one static decode step `repeats()`
+/// times on each of `paths`; every run must equal the first bitwise (outputs and appended cache
+/// rows). Returns each path's (paged, static) output.
+fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tensor, Tensor)>> {
     use attention_core::inference::{RotaryCosSin, StaticDecodeStep};
     use attention_cuda::decode::CudaPagedAttention;
     use attention_spec::AttnMaskType;
     use attention_spec::module::{CoreAttentionInput, PagedKv};
-    tch::manual_seed(11);
-    let kind = Kind::BFloat16;
-    for hd in [32i64, 64, 128] {
+    {
         let (hq, hkv, bs) = (8i64, 2i64, 16i64);
         // Requests: a decode on 3000 cached keys, a 100-token chunk on 500, a 40-token prompt.
         let (cached, new) = ([3000i64, 500, 0], [1i64, 100, 40]);
@@ -329,12 +372,12 @@ fn kernel_paths_agree_and_are_deterministic() -> Result<()> {
             Tensor::randn([1, b, hkv, hd], (kind, GPU)),
         );
         let mut per_path: Vec<(Tensor, Tensor)> = Vec::new();
-        for path in [KernelPath::CudaCores, KernelPath::TensorCores] {
+        for &path in paths {
             let kernel = CudaPagedAttention::new(0.125).with_path(path);
             let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
             let (k0, v0) = (kc.copy(), vc.copy());
             let mut first: Option<(Tensor, Tensor, Tensor)> = None;
-            for run in 0..30 {
+            for run in 0..repeats() {
                 let (kr, vr) = (k0.copy(), v0.copy());
                 let pk = PagedKv {
                     key_cache: &kr,
@@ -354,7 +397,9 @@ fn kernel_paths_agree_and_are_deterministic() -> Result<()> {
                             [("output", &out, o), ("keys", &kr, k1), ("values", &vr, v1)]
                         {
                             if !a.equal(b) {
-                                bail!("hd {hd} {path:?} run {run}: paged {name} differ from run 0");
+                                bail!(
+                                    "{kind:?} hd {hd} {path:?} run {run}: paged {name} differ from run 0"
+                                );
                             }
                         }
                     }
@@ -362,7 +407,7 @@ fn kernel_paths_agree_and_are_deterministic() -> Result<()> {
             }
             let paged_out = first.as_ref().map(|f| f.0.shallow_clone()).context("no paged run")?;
             let mut first: Option<(Tensor, Tensor)> = None;
-            for run in 0..30 {
+            for run in 0..repeats() {
                 let kr = kcs.copy();
                 let step = StaticDecodeStep {
                     query: &qs,
@@ -381,7 +426,7 @@ fn kernel_paths_agree_and_are_deterministic() -> Result<()> {
                     Some((o, k1)) => {
                         if !out.equal(o) || !kr.equal(k1) {
                             bail!(
-                                "hd {hd} {path:?} run {run}: static output or keys differ from run 0"
+                                "{kind:?} hd {hd} {path:?} run {run}: static output or keys differ from run 0"
                             );
                         }
                     }
@@ -390,11 +435,8 @@ fn kernel_paths_agree_and_are_deterministic() -> Result<()> {
             let static_out = first.map(|f| f.0).context("no static run")?;
             per_path.push((paged_out, static_out));
         }
-        let (cc, tc) = (&per_path[0], &per_path[1]);
-        assert_close(&tc.0, &cc.0, 2e-2, 2e-2, &format!("hd {hd}: paged, tensor vs CUDA cores"))?;
-        assert_close(&tc.1, &cc.1, 2e-2, 2e-2, &format!("hd {hd}: static, tensor vs CUDA cores"))?;
+        Ok(per_path)
     }
-    Ok(())
 }
 
 /// The attention kernels compile for this GPU without register spills, and the tensor-core
