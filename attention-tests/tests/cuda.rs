@@ -439,6 +439,63 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
     }
 }
 
+/// `max_seqlen_k` sizes the paged launch (its split-KV); one smaller than a request's keys
+/// (a caller's mistake) costs speed, never keys: the last split runs to each row's end. Same
+/// outputs as with the true value, on both kernel paths.
+#[test]
+fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
+    use attention_cuda::decode::CudaPagedAttention;
+    use attention_spec::AttnMaskType;
+    use attention_spec::module::{CoreAttentionInput, PagedKv};
+    tch::manual_seed(13);
+    let (hq, hkv, hd, bs) = (8i64, 2i64, 128i64, 16i64);
+    // A decode on 5000 cached keys and a 40-token chunk on 300.
+    let (cached, new) = ([5000i64, 300], [1i64, 40]);
+    let per = 5001 / bs + 1;
+    for (kind, path, tol) in [
+        (Kind::Float, KernelPath::CudaCores, 1e-5),
+        (Kind::BFloat16, KernelPath::TensorCores, 2e-2),
+    ] {
+        let nb = 2 * per;
+        let kc = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
+        let vc = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
+        let table = Tensor::randperm(nb, (Kind::Int64, GPU)).view([2, per]).to_kind(Kind::Int);
+        let t = new[0] + new[1];
+        let (q, k, v) = (
+            Tensor::randn([t, 1, hq, hd], (kind, GPU)),
+            Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
+            Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
+        );
+        let cu = Tensor::from_slice(&[0i32, 1, 41]).to_device(GPU);
+        let lens: Vec<i32> = (0..2).map(|r| (cached[r] + new[r]) as i32).collect();
+        let lens = Tensor::from_slice(&lens).to_device(GPU);
+        let slots = Tensor::zeros([t], (Kind::Int64, GPU));
+        let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
+        let kernel = CudaPagedAttention::new(0.125).with_path(path);
+        let run = |max_k: i64| {
+            let (kr, vr) = (kc.copy(), vc.copy());
+            let pk = PagedKv {
+                key_cache: &kr,
+                value_cache: &vr,
+                slot_mapping: &slots,
+                block_table: &table,
+                cu_seqlens_q: &cu,
+                seqlens_k: &lens,
+                max_seqlen_q: 40,
+                max_seqlen_k: max_k,
+            };
+            kernel.run(&input, &pk)
+        };
+        let exact = run(5001)?;
+        for understated in [1000, 64] {
+            let out = run(understated)?;
+            let what = format!("{kind:?} {path:?}, max_seqlen_k {understated} of 5001");
+            assert_close(&out, &exact, tol, tol, &what)?;
+        }
+    }
+    Ok(())
+}
+
 /// The attention kernels compile for this GPU without register spills, and the tensor-core
 /// kernels keep at least two blocks per multiprocessor (three for the decode build).
 #[test]
