@@ -10,7 +10,9 @@
 //!   index copy, SDPA); bytes = keys + values read, q/o, new k/v written;
 //! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
 //! * mixed step: 64 decode requests plus one 2048-token prefill chunk in one call, against the
-//!   two parts in two calls.
+//!   two parts in two calls;
+//! * paged prefill: a whole prompt through `paged-attention-cuda` (each kernel path) against
+//!   SDPA on contiguous memory, causal.
 //!
 //! Time: each case runs `iters` times between device synchronisations, repeated `reps` times;
 //! the median repeat is reported. The JSON also records the GPU and driver, the UTC date, and
@@ -408,6 +410,7 @@ mod imp {
         vc: Tensor,
         table: Tensor,
         kv_len: Tensor,
+        bs: i64,
     }
 
     fn paged_memory(b: i64, l: i64, hkv: i64, hd: i64, bs: i64, device: Device) -> Paged {
@@ -420,7 +423,17 @@ mod imp {
             .view([b, per])
             .to_kind(Kind::Int);
         let kv_len = Tensor::full([b], l, (Kind::Int, device));
-        Paged { kc, vc, table, kv_len }
+        Paged { kc, vc, table, kv_len, bs }
+    }
+
+    impl Paged {
+        /// Slots (`block * block_size + offset`) of request `r`'s positions `from..from + count`.
+        fn slots(&self, r: i64, from: i64, count: i64) -> Tensor {
+            let pos = Tensor::arange_start(from, from + count, (Kind::Int64, self.table.device()));
+            let blocks = self.table.get(r).to_kind(Kind::Int64);
+            blocks.index_select(0, &pos.floor_divide_scalar(self.bs)) * self.bs
+                + pos.remainder(self.bs)
+        }
     }
 
     fn paged(device: Device, reps: usize, copy: f64, report: &mut Report) -> Result<()> {
@@ -524,7 +537,9 @@ mod imp {
         let q = bf16(&[t, 1, hq, hd], device);
         let k = bf16(&[t, 1, hkv, hd], device);
         let v = bf16(&[t, 1, hkv, hd], device);
-        let slots = Tensor::arange(t, (Kind::Int64, device));
+        let mut slots: Vec<Tensor> = (0..nd).map(|r| m.slots(r, ld - 1, 1)).collect();
+        slots.push(m.slots(nd, ld - lp, lp));
+        let slots = Tensor::cat(&slots, 0);
         let run = |q: &Tensor,
                    k: &Tensor,
                    v: &Tensor,
@@ -534,7 +549,12 @@ mod imp {
                    max_q: i64|
          -> Result<()> {
             let input = CoreAttentionInput::new(q, k, v, AttnMaskType::Causal);
-            let n = slots.narrow(0, 0, q.size()[0]);
+            // The slots of these tokens: the decode rows come first, the prefill chunk last.
+            let n = if q.size()[0] == lp {
+                slots.narrow(0, nd, lp)
+            } else {
+                slots.narrow(0, 0, q.size()[0])
+            };
             let pk = PagedKv {
                 key_cache: &m.kc,
                 value_cache: &m.vc,
@@ -574,7 +594,7 @@ mod imp {
             &[("two calls", separate * 1e3)],
             "ms",
         );
-        // A whole prompt prefilled through the paged kernel (appending its keys and values)
+        // A whole prompt prefilled through the paged cache (appending its keys and values)
         // against SDPA's default backend on contiguous memory, causal.
         for s in [1024i64, 4096] {
             let m = paged_memory(1, s, hkv, hd, bs, device);
@@ -584,7 +604,7 @@ mod imp {
             let v = bf16(&[s, 1, hkv, hd], device);
             let flops = 2.0 * (hq * s * s * hd) as f64;
             let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
-            let n = Tensor::arange(s, (Kind::Int64, device));
+            let n = m.slots(0, 0, s);
             let pk = PagedKv {
                 key_cache: &m.kc,
                 value_cache: &m.vc,
