@@ -134,6 +134,11 @@ impl FlashDecode for CudaFlashDecode {
 }
 
 /// `paged-attention-cuda`: `flash_decode_and_prefill` over the paged cache.
+///
+/// `PagedKv::max_seqlen_q` and `max_seqlen_k` size the launch (tiles, split-KV) and are not
+/// read back from the device: understating them costs speed, never keys (the last split of a
+/// row runs to its end). `slot_mapping` is not read: the kernel appends each new token at the
+/// slot its request's block table gives its position.
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPagedAttention {
     scale: f64,
