@@ -155,7 +155,7 @@ pub fn compile_cubin(arch: &'static str, variant: Option<Variant>) -> Result<Vec
 
 fn nvrtc_compile(arch: &str, variant: Option<Variant>, cubin: bool) -> Result<Vec<u8>, Error> {
     use cudarc::nvrtc::{result, sys};
-    use std::ffi::{CStr, CString};
+    use std::ffi::CString;
     let dir = load_nvrtc()?;
     let mut options = vec![
         format!("--include-path={}", dir.0.join("include").display()),
@@ -170,6 +170,10 @@ fn nvrtc_compile(arch: &str, variant: Option<Variant>, cubin: bool) -> Result<Ve
     let nvrtc = |what: &str, e: cudarc::nvrtc::result::NvrtcError| {
         Error::Compile(format!("NVRTC {what}: {e:?} (options {options:?})"))
     };
+    // NVRTC's NUL-terminated C characters as bytes.
+    let bytes = |chars: Vec<std::ffi::c_char>| -> Vec<u8> {
+        chars.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect()
+    };
     let build = || -> Result<Vec<u8>, Error> {
         let src = CString::new(SOURCE).map_err(|e| Error::Compile(e.to_string()))?;
         let name = c"attention.cu";
@@ -180,8 +184,8 @@ fn nvrtc_compile(arch: &str, variant: Option<Variant>, cubin: bool) -> Result<Ve
         let out = unsafe {
             let out = match result::compile_program(prog, &options) {
                 Err(e) => {
-                    let log = result::get_program_log(prog).unwrap_or_default();
-                    let log = CStr::from_ptr(log.as_ptr()).to_string_lossy().into_owned();
+                    let log = bytes(result::get_program_log(prog).unwrap_or_default());
+                    let log = String::from_utf8_lossy(&log);
                     Err(Error::Compile(format!("{e:?} (options {options:?}): {log}")))
                 }
                 Ok(()) if cubin => {
@@ -197,10 +201,7 @@ fn nvrtc_compile(arch: &str, variant: Option<Variant>, cubin: bool) -> Result<Ve
                             Ok(buf)
                         })
                 }
-                Ok(()) => result::get_ptx(prog).map_err(|e| nvrtc("PTX", e)).map(|ptx| {
-                    // NUL-terminated C characters.
-                    ptx.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect()
-                }),
+                Ok(()) => result::get_ptx(prog).map_err(|e| nvrtc("PTX", e)).map(bytes),
             };
             let _ = result::destroy_program(prog);
             out
