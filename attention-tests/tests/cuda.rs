@@ -339,104 +339,102 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
     use attention_cuda::decode::CudaPagedAttention;
     use attention_spec::AttnMaskType;
     use attention_spec::module::{CoreAttentionInput, PagedKv};
-    {
-        let (hq, hkv, bs) = (8i64, 2i64, 16i64);
-        // Requests: a decode on 3000 cached keys, a 100-token chunk on 500, a 40-token prompt.
-        let (cached, new) = ([3000i64, 500, 0], [1i64, 100, 40]);
-        let per = 3001 / bs + 1;
-        let nb = 3 * per;
-        let kc = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
-        let vc = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
-        let table = Tensor::randperm(nb, (Kind::Int64, GPU)).view([3, per]).to_kind(Kind::Int);
-        let t: i64 = new.iter().sum();
-        let (q, k, v) = (
-            Tensor::randn([t, 1, hq, hd], (kind, GPU)),
-            Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
-            Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
-        );
-        let cu: Vec<i32> = [0, 1, 101, 141].to_vec();
-        let lens: Vec<i32> = (0..3).map(|i| (cached[i] + new[i]) as i32).collect();
-        let cu = Tensor::from_slice(&cu).to_device(GPU);
-        let lens = Tensor::from_slice(&lens).to_device(GPU);
-        let slots = Tensor::zeros([t], (Kind::Int64, GPU));
-        // Static cache [max_seq, batch, hkv, hd]: 3 rows decoding at offsets 3000, 17, 700.
-        let (max_seq, b) = (3100i64, 3i64);
-        let kcs = Tensor::randn([max_seq, b, hkv, hd], (kind, GPU));
-        let vcs = Tensor::randn([max_seq, b, hkv, hd], (kind, GPU));
-        let offsets = Tensor::from_slice(&[3000i32, 17, 700]).to_device(GPU);
-        let freqs = Tensor::rand([max_seq, hd / 2], (Kind::Float, GPU)) * 100.0;
-        let (cos, sin) = (freqs.cos(), freqs.sin());
-        let (qs, ks, vs) = (
-            Tensor::randn([1, b, hq, hd], (kind, GPU)),
-            Tensor::randn([1, b, hkv, hd], (kind, GPU)),
-            Tensor::randn([1, b, hkv, hd], (kind, GPU)),
-        );
-        let mut per_path: Vec<(Tensor, Tensor)> = Vec::new();
-        for &path in paths {
-            let kernel = CudaPagedAttention::new(0.125).with_path(path);
-            let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
-            let (k0, v0) = (kc.copy(), vc.copy());
-            let mut first: Option<(Tensor, Tensor, Tensor)> = None;
-            for run in 0..repeats() {
-                let (kr, vr) = (k0.copy(), v0.copy());
-                let pk = PagedKv {
-                    key_cache: &kr,
-                    value_cache: &vr,
-                    slot_mapping: &slots,
-                    block_table: &table,
-                    cu_seqlens_q: &cu,
-                    seqlens_k: &lens,
-                    max_seqlen_q: 100,
-                    max_seqlen_k: 3001,
-                };
-                let out = kernel.run(&input, &pk)?;
-                match &first {
-                    None => first = Some((out, kr, vr)),
-                    Some((o, k1, v1)) => {
-                        for (name, a, b) in
-                            [("output", &out, o), ("keys", &kr, k1), ("values", &vr, v1)]
-                        {
-                            if !a.equal(b) {
-                                bail!(
-                                    "{kind:?} hd {hd} {path:?} run {run}: paged {name} differ from run 0"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-            let paged_out = first.as_ref().map(|f| f.0.shallow_clone()).context("no paged run")?;
-            let mut first: Option<(Tensor, Tensor)> = None;
-            for run in 0..repeats() {
-                let kr = kcs.copy();
-                let step = StaticDecodeStep {
-                    query: &qs,
-                    key: &ks,
-                    value: &vs,
-                    key_cache: &kr,
-                    value_cache: &vcs,
-                    batch_offset: 0,
-                    sequence_offsets: &offsets,
-                    rotary: Some(RotaryCosSin { cos: &cos, sin: &sin, interleaved: false }),
-                    softmax_scale: 0.125,
-                };
-                let out = CudaFlashDecode::with_path(path).run(&step)?;
-                match &first {
-                    None => first = Some((out, kr)),
-                    Some((o, k1)) => {
-                        if !out.equal(o) || !kr.equal(k1) {
+    let (hq, hkv, bs) = (8i64, 2i64, 16i64);
+    // Requests: a decode on 3000 cached keys, a 100-token chunk on 500, a 40-token prompt.
+    let (cached, new) = ([3000i64, 500, 0], [1i64, 100, 40]);
+    let per = 3001 / bs + 1;
+    let nb = 3 * per;
+    let kc = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
+    let vc = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
+    let table = Tensor::randperm(nb, (Kind::Int64, GPU)).view([3, per]).to_kind(Kind::Int);
+    let t: i64 = new.iter().sum();
+    let (q, k, v) = (
+        Tensor::randn([t, 1, hq, hd], (kind, GPU)),
+        Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
+        Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
+    );
+    let cu: Vec<i32> = [0, 1, 101, 141].to_vec();
+    let lens: Vec<i32> = (0..3).map(|i| (cached[i] + new[i]) as i32).collect();
+    let cu = Tensor::from_slice(&cu).to_device(GPU);
+    let lens = Tensor::from_slice(&lens).to_device(GPU);
+    let slots = Tensor::zeros([t], (Kind::Int64, GPU));
+    // Static cache [max_seq, batch, hkv, hd]: 3 rows decoding at offsets 3000, 17, 700.
+    let (max_seq, b) = (3100i64, 3i64);
+    let kcs = Tensor::randn([max_seq, b, hkv, hd], (kind, GPU));
+    let vcs = Tensor::randn([max_seq, b, hkv, hd], (kind, GPU));
+    let offsets = Tensor::from_slice(&[3000i32, 17, 700]).to_device(GPU);
+    let freqs = Tensor::rand([max_seq, hd / 2], (Kind::Float, GPU)) * 100.0;
+    let (cos, sin) = (freqs.cos(), freqs.sin());
+    let (qs, ks, vs) = (
+        Tensor::randn([1, b, hq, hd], (kind, GPU)),
+        Tensor::randn([1, b, hkv, hd], (kind, GPU)),
+        Tensor::randn([1, b, hkv, hd], (kind, GPU)),
+    );
+    let mut per_path: Vec<(Tensor, Tensor)> = Vec::new();
+    for &path in paths {
+        let kernel = CudaPagedAttention::new(0.125).with_path(path);
+        let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
+        let (k0, v0) = (kc.copy(), vc.copy());
+        let mut first: Option<(Tensor, Tensor, Tensor)> = None;
+        for run in 0..repeats() {
+            let (kr, vr) = (k0.copy(), v0.copy());
+            let pk = PagedKv {
+                key_cache: &kr,
+                value_cache: &vr,
+                slot_mapping: &slots,
+                block_table: &table,
+                cu_seqlens_q: &cu,
+                seqlens_k: &lens,
+                max_seqlen_q: 100,
+                max_seqlen_k: 3001,
+            };
+            let out = kernel.run(&input, &pk)?;
+            match &first {
+                None => first = Some((out, kr, vr)),
+                Some((o, k1, v1)) => {
+                    for (name, a, b) in
+                        [("output", &out, o), ("keys", &kr, k1), ("values", &vr, v1)]
+                    {
+                        if !a.equal(b) {
                             bail!(
-                                "{kind:?} hd {hd} {path:?} run {run}: static output or keys differ from run 0"
+                                "{kind:?} hd {hd} {path:?} run {run}: paged {name} differ from run 0"
                             );
                         }
                     }
                 }
             }
-            let static_out = first.map(|f| f.0).context("no static run")?;
-            per_path.push((paged_out, static_out));
         }
-        Ok(per_path)
+        let paged_out = first.as_ref().map(|f| f.0.shallow_clone()).context("no paged run")?;
+        let mut first: Option<(Tensor, Tensor)> = None;
+        for run in 0..repeats() {
+            let kr = kcs.copy();
+            let step = StaticDecodeStep {
+                query: &qs,
+                key: &ks,
+                value: &vs,
+                key_cache: &kr,
+                value_cache: &vcs,
+                batch_offset: 0,
+                sequence_offsets: &offsets,
+                rotary: Some(RotaryCosSin { cos: &cos, sin: &sin, interleaved: false }),
+                softmax_scale: 0.125,
+            };
+            let out = CudaFlashDecode::with_path(path).run(&step)?;
+            match &first {
+                None => first = Some((out, kr)),
+                Some((o, k1)) => {
+                    if !out.equal(o) || !kr.equal(k1) {
+                        bail!(
+                            "{kind:?} hd {hd} {path:?} run {run}: static output or keys differ from run 0"
+                        );
+                    }
+                }
+            }
+        }
+        let static_out = first.map(|f| f.0).context("no static run")?;
+        per_path.push((paged_out, static_out));
     }
+    Ok(per_path)
 }
 
 /// `max_seqlen_k` sizes the paged launch (its split-KV); one smaller than a request's keys
