@@ -82,6 +82,10 @@ pub struct StaticDecodeStep<'a> {
     /// int32 `[b]` on the device: tokens cached per row (the new token's position). A device
     /// tensor, so a captured step replays with new offsets.
     pub sequence_offsets: &'a Tensor,
+    /// The largest of `sequence_offsets`, where the host knows it (`None`: the cache's
+    /// length). Only sizes the launch (a kernel splits the keys it expects); a bound below a
+    /// row's offset costs speed, never keys.
+    pub max_sequence_offset: Option<i64>,
     /// Rotary for the query and the new key, if any.
     pub rotary: Option<RotaryCosSin<'a>>,
     /// Softmax scale.

@@ -372,9 +372,9 @@ __device__ void attend(const Params& p) {
   // 3. Key range of this split, up to the last key any token of the tile may see.
   const int limit = cached + t0 + ntok;  // exclusive
   const int start = split * p.split_len;
-  // Paged: the last split runs to the row's end, so a launch sized by an understated longest
-  // row (max_seqlen_k) stays exact. Static rows never pass the cache the launch is sized by.
-  const int end = PAGED && split == p.nsplit - 1 ? limit : min(limit, start + p.split_len);
+  // The last split runs to the row's end, so a launch sized by an understated longest row
+  // (max_seqlen_k, max_sequence_offset) stays exact.
+  const int end = split + 1 == p.nsplit ? limit : min(limit, start + p.split_len);
 
   // Per warp: an online softmax for every pair over the warp's keys of each stage.
   float m[PAIRS], l[PAIRS], acc[PAIRS][PER_LANE];
@@ -609,9 +609,10 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 
   const int limit = cached + t0 + ntok;
   const int start = split * p.split_len;
-  // Paged: the last split runs to the row's end, so a launch sized by an understated longest
-  // row (max_seqlen_k) stays exact. Static rows never pass the cache the launch is sized by.
-  const int end = PAGED && split == p.nsplit - 1 ? limit : min(limit, start + p.split_len);
+  // The last split runs to the row's end (see `attend`), written as a bound pushed 2^30 keys
+  // further (the host keeps rows below that): in this form ptxas keeps the static decode
+  // build within its registers.
+  const int end = min(limit, start + p.split_len + (split + 1 == p.nsplit ? (1 << 30) : 0));
   auto load_tile = [&](int base, int st) {
     load_kv_tile<T, HD, KT, L, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
                                                  cached, row, g, q0, knew, vnew, kc, vc);

@@ -18,6 +18,12 @@ fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
 }
 
 /// The static-cache decode kernel (Megatron's `flash_decode`).
+///
+/// The launch (split-KV) is sized by `StaticDecodeStep::max_sequence_offset` when the host
+/// gives it, by the cache's length otherwise and while a CUDA graph is being captured (its
+/// replays may run at any offset). The last split runs to each row's end, so a bound below a
+/// row's offset costs speed, never keys. The offsets themselves are not read back: each must
+/// be below the cache's length.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CudaFlashDecode {
     /// Which kernel runs the step.
@@ -83,6 +89,16 @@ impl CudaFlashDecode {
                 s.sequence_offsets.size()
             )));
         }
+        // Keys the launch is sized by: every row's cached tokens plus the new one.
+        let max_keys = match s.max_sequence_offset {
+            None => max_seq,
+            Some(m) if (0..max_seq).contains(&m) => m + 1,
+            Some(m) => {
+                return Err(Error::Input(format!(
+                    "max_sequence_offset {m}: outside the cache's positions 0..{max_seq}"
+                )));
+            }
+        };
         let out = Tensor::f_empty([1, b, np * hd], (kind, device))?;
         let mut p = Params {
             q: s.query.data_ptr() as u64,
@@ -119,7 +135,8 @@ impl CudaFlashDecode {
             max_q: 1,
             hkv: ngp,
             group: np / ngp,
-            max_keys: max_seq,
+            max_keys,
+            capacity: max_seq,
             total_tokens: b,
         };
         launch(false, self.path, kind, hd, ordinal, p, geo)?;
@@ -247,6 +264,7 @@ impl CudaPagedAttention {
             hkv: ngp,
             group: np / ngp,
             max_keys: paged.max_seqlen_k,
+            capacity: paged.max_seqlen_k,
             total_tokens: t,
         };
         launch(true, self.path, kind, hd, ordinal, p, geo)?;

@@ -137,7 +137,11 @@ pub(crate) struct Geometry {
     pub max_q: i64,
     pub hkv: i64,
     pub group: i64,
+    /// Keys of the longest row as the host knows them: what the split-KV is sized by.
     pub max_keys: i64,
+    /// Keys a row can hold at most (the static cache's length): what a launch captured into a
+    /// CUDA graph is sized by instead, since its replays may run at any length.
+    pub capacity: i64,
     pub total_tokens: i64,
 }
 
@@ -296,21 +300,38 @@ pub(crate) fn launch(
         geo.n_rows * tiles
     };
     let blocks = work_tiles.max(geo.n_rows) * geo.hkv * nchunks;
-    let max_splits = ((geo.max_keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
+    // The kernels push the last split's bound 2^30 keys past its start (int arithmetic).
+    let row_keys =
+        if paged { i64::from(p.bt_stride) * i64::from(p.block_size) } else { geo.capacity };
+    if row_keys + kt >= 1 << 30 {
+        return Err(Error::Unsupported(format!(
+            "rows of up to {row_keys} keys (the kernels take fewer than 2^30)"
+        )));
+    }
+    let stream = k.torch_stream(device)?;
+    let capturing = || {
+        stream
+            .capture_status()
+            .map(|s| s != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+            .map_err(|e| Error::Driver(format!("stream capture status: {e:?}")))
+    };
+    let keys =
+        if geo.max_keys < geo.capacity && capturing()? { geo.capacity } else { geo.max_keys };
+    let max_splits = ((keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
     let slots = attend.resident * k.sm_count;
     let nsplit = split_count(SplitInput {
         units: blocks,
         sms: k.sm_count,
         slots,
         stage_bytes: 2 * kt * hd * elt,
-        keys: geo.max_keys,
+        keys,
         kt,
         max_splits,
         gathered: paged && i64::from(p.block_size) < kt,
     });
-    let per_split = (geo.max_keys + nsplit - 1) / nsplit;
+    let per_split = (keys + nsplit - 1) / nsplit;
     let split_len = ((per_split + kt - 1) / kt * kt).max(kt);
-    let nsplit = ((geo.max_keys + split_len - 1) / split_len).max(1);
+    let nsplit = ((keys + split_len - 1) / split_len).max(1);
     p.n_rows = geo.n_rows as i32;
     p.hkv = geo.hkv as i32;
     p.group = geo.group as i32;
@@ -349,7 +370,6 @@ pub(crate) fn launch(
             "launch of {gx} x {gy} x {z} (group, chunk, split) blocks"
         )));
     }
-    let stream = k.torch_stream(device)?;
     let cfg = LaunchConfig {
         grid_dim: (gx as u32, gy as u32, z as u32),
         block_dim: (threads, 1, 1),

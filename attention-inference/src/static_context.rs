@@ -279,6 +279,7 @@ impl StaticInferenceContext {
             value_cache: v_mem,
             batch_offset: self.batch_size_offset,
             sequence_offsets: &offsets,
+            max_sequence_offset: Some(self.sequence_len_offset),
             rotary: cos_sin,
             softmax_scale: scale,
         };

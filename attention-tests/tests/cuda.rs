@@ -3,6 +3,7 @@
 //! * `flash_decode` (static cache): every decode step equals the ordinary static path and the
 //!   full forward (fp32 1e-5; bf16 against the same computation upcast), for MHA/GQA/MQA, Q/K
 //!   norms, rotary rotate-half/interleaved/partial, a batch offset, long contexts with split-KV;
+//! * `flash_decode` is exact whatever host bound on the offsets sizes its launch;
 //! * the kernels refuse unsupported input with typed errors;
 //! * `sdpa-cuda`: the backend from the spec is the one libtorch runs, outputs equal `sdpa`, and
 //!   packed sequences through varlen flash equal per-sequence runs, gradients included.
@@ -416,6 +417,7 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
                 value_cache: &vcs,
                 batch_offset: 0,
                 sequence_offsets: &offsets,
+                max_sequence_offset: None,
                 rotary: Some(RotaryCosSin { cos: &cos, sin: &sin, interleaved: false }),
                 softmax_scale: 0.125,
             };
@@ -489,6 +491,79 @@ fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
             let out = run(understated)?;
             let what = format!("{kind:?} {path:?}, max_seqlen_k {understated} of 5001");
             assert_close(&out, &exact, tol, tol, &what)?;
+        }
+    }
+    Ok(())
+}
+
+/// `max_sequence_offset` sizes the static launch: with the cache's length (`None`), the true
+/// bound, or one below some rows' offsets (the last split runs to each row's end), the output
+/// equals attention over each row's cached keys plus its new one (libtorch, fp32), and the
+/// appended cache is the same. A bound outside the cache is refused.
+#[test]
+fn flash_decode_is_exact_whatever_its_offset_bound() -> Result<()> {
+    use attention_core::inference::StaticDecodeStep;
+    tch::manual_seed(17);
+    let (hq, hkv, hd, max_seq) = (8i64, 2i64, 128i64, 8192i64);
+    let offsets = [5000i64, 300, 2047];
+    let b = offsets.len() as i64;
+    let offs: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+    let offs = Tensor::from_slice(&offs).to_device(GPU);
+    for (kind, path, tol) in [
+        (Kind::Float, KernelPath::CudaCores, 1e-5),
+        (Kind::BFloat16, KernelPath::TensorCores, 2e-2),
+    ] {
+        let kc = Tensor::randn([max_seq, b, hkv, hd], (kind, GPU));
+        let vc = Tensor::randn([max_seq, b, hkv, hd], (kind, GPU));
+        let q = Tensor::randn([1, b, hq, hd], (kind, GPU));
+        let k = Tensor::randn([1, b, hkv, hd], (kind, GPU));
+        let v = Tensor::randn([1, b, hkv, hd], (kind, GPU));
+        let run = |bound: Option<i64>| -> Result<(Tensor, Tensor, Tensor), attention_cuda::Error> {
+            let (kr, vr) = (kc.copy(), vc.copy());
+            let step = StaticDecodeStep {
+                query: &q,
+                key: &k,
+                value: &v,
+                key_cache: &kr,
+                value_cache: &vr,
+                batch_offset: 0,
+                sequence_offsets: &offs,
+                max_sequence_offset: bound,
+                rotary: None,
+                softmax_scale: 0.125,
+            };
+            let out = CudaFlashDecode::with_path(path).run(&step)?;
+            Ok((out, kr, vr))
+        };
+        // Each row's keys 0..=offset (the new key last), in fp32.
+        let mut rows = Vec::new();
+        for (r, &o) in offsets.iter().enumerate() {
+            let r = r as i64;
+            let keys = Tensor::cat(&[kc.narrow(0, 0, o).select(1, r), k.select(1, r)], 0);
+            let vals = Tensor::cat(&[vc.narrow(0, 0, o).select(1, r), v.select(1, r)], 0);
+            let g = hq / hkv;
+            let keys = keys.to_kind(Kind::Float).repeat_interleave_self_int(g, 1, None);
+            let vals = vals.to_kind(Kind::Float).repeat_interleave_self_int(g, 1, None);
+            let qr = q.select(1, r).to_kind(Kind::Float).squeeze_dim(0); // [hq, hd]
+            let scores = qr.unsqueeze(1).matmul(&keys.permute([1, 2, 0])) * 0.125; // [hq, 1, o+1]
+            let att = scores.softmax(-1, Kind::Float).matmul(&vals.transpose(0, 1)); // [hq, 1, hd]
+            rows.push(att.reshape([1, 1, hq * hd]));
+        }
+        let reference = Tensor::cat(&rows, 1);
+        let (_, k0, v0) = run(None)?;
+        for bound in [None, Some(5000), Some(1000), Some(0)] {
+            let (out, kr, vr) = run(bound)?;
+            let what = format!("{kind:?} {path:?}, max_sequence_offset {bound:?} of 5000");
+            assert_close(&out.to_kind(Kind::Float), &reference, tol, tol, &what)?;
+            if !kr.equal(&k0) || !vr.equal(&v0) {
+                bail!("{what}: the appended cache differs from the unbounded run");
+            }
+        }
+        for bad in [-1, max_seq] {
+            match run(Some(bad)) {
+                Err(e) if e.to_string().contains("max_sequence_offset") => {}
+                other => bail!("max_sequence_offset {bad}: expected a refusal, got {other:?}"),
+            }
         }
     }
     Ok(())
