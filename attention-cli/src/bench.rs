@@ -7,7 +7,8 @@
 //!   `[B, S, H, D]` memory viewed `[B, H, S, D]`, B·S = 16k, H·D = 2048;
 //! * flash_decode: the fused static-cache decode step against SDPA decode on contiguous keys and
 //!   values (no rotary, no append) and against the same step done with libtorch ops (rotary,
-//!   index copy, SDPA); bytes = keys + values read, q/o, new k/v written;
+//!   index copy, SDPA); bytes = keys + values read, q/o, new k/v written; and in a cache longer
+//!   than the context, launched by the host's offset bound against by the cache's length;
 //! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
 //! * mixed step: 64 decode requests plus one 2048-token prefill chunk in one call, against the
 //!   two parts in two calls;
@@ -158,6 +159,7 @@ mod imp {
         }
         if want("decode") {
             decode(device, reps, copy, &mut report)?;
+            decode_in_long_cache(device, reps, copy, &mut report)?;
         }
         if want("paged") {
             paged(device, reps, copy, &mut report)?;
@@ -327,6 +329,7 @@ mod imp {
                     value_cache: &vc,
                     batch_offset: 0,
                     sequence_offsets: &offsets,
+                    max_sequence_offset: Some(l - 1),
                     rotary: Some(RotaryCosSin { cos: &cos, sin: &sin, interleaved: false }),
                     softmax_scale: 1.0 / (hd as f64).sqrt(),
                 };
@@ -400,6 +403,77 @@ mod imp {
                     "GB/s",
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// `flash_decode` in a static cache longer than the context (a generation's cache is sized
+    /// for its longest sequence): launched by the host's offset bound against launched by the
+    /// cache's length (what a CUDA graph captures), and SDPA decode on the context alone.
+    fn decode_in_long_cache(
+        device: Device,
+        reps: usize,
+        copy: f64,
+        report: &mut Report,
+    ) -> Result<()> {
+        let (hq, hkv, hd) = (32i64, 8i64, 128i64);
+        for (b, l, cap) in [(1i64, 8192i64, 131072i64), (8, 4096, 32768)] {
+            let kc = bf16(&[cap, b, hkv, hd], device);
+            let vc = bf16(&[cap, b, hkv, hd], device);
+            let q = bf16(&[1, b, hq, hd], device);
+            let k = bf16(&[1, b, hkv, hd], device);
+            let v = bf16(&[1, b, hkv, hd], device);
+            let offsets = Tensor::full([b], l - 1, (Kind::Int, device));
+            let run = |bound: Option<i64>| {
+                time(device, reps, 20, || {
+                    let step = StaticDecodeStep {
+                        query: &q,
+                        key: &k,
+                        value: &v,
+                        key_cache: &kc,
+                        value_cache: &vc,
+                        batch_offset: 0,
+                        sequence_offsets: &offsets,
+                        max_sequence_offset: bound,
+                        rotary: None,
+                        softmax_scale: 1.0 / (hd as f64).sqrt(),
+                    };
+                    let _ = CudaFlashDecode::default().run(&step)?;
+                    Ok(())
+                })
+            };
+            let bounded = run(Some(l - 1))?;
+            let by_length = run(None)?;
+            let kb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
+            let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
+            let qb = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
+            let sdpa = time(device, reps, 20, || {
+                let _ = Tensor::scaled_dot_product_attention(
+                    &qb,
+                    &kb,
+                    &vb,
+                    None::<Tensor>,
+                    0.0,
+                    false,
+                    None,
+                    true,
+                );
+                Ok(())
+            })?;
+            let bytes =
+                (2 * b * l * hkv * hd * 2 + 2 * b * hq * hd * 2 + 2 * b * hkv * hd * 2) as f64;
+            let gbs = |t: f64| bytes / t / 1e9;
+            report.add(
+                "decode",
+                format!(
+                    "{hq}/{hkv} {b}x{l} in {cap} ({:.0} MB) {:.0}% copy",
+                    bytes / 1e6,
+                    100.0 * gbs(bounded) / copy
+                ),
+                ("flash_decode", gbs(bounded)),
+                &[("sized by cache", gbs(by_length)), ("sdpa contiguous", gbs(sdpa))],
+                "GB/s",
+            );
         }
         Ok(())
     }
