@@ -45,7 +45,7 @@ struct Params {
   int block_size, bt_stride;           // paged
   int rot_half, interleaved;           // static rotary (rot_half = 0: none)
   int n_rows, hq, hkv, group, heads_per_chunk, nchunks, nsplit, tokens_per_tile;
-  int split_len;                       // keys per split (a multiple of the key tile)
+  int split_len;                       // least keys per split (a multiple of the key tile)
   int total_tokens;                    // query tokens of the launch (rows of out / part_o)
   float scale_log2;                    // softmax_scale * log2(e)
 };
@@ -135,6 +135,16 @@ __device__ __forceinline__ void merge_and_store(const Params& p, int split, int 
       if (d == 0) reinterpret_cast<float*>(p.part_lse)[slot] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
     }
   }
+}
+
+// Keys per split of a row (or token tile) whose keys end at `limit`: the row's keys evenly
+// over the launch's splits, in whole key tiles of KT, and at least p.split_len (what the host
+// sized the launch by). A row longer than the host expected (an understated max_seqlen_k or
+// max_sequence_offset, a CUDA graph replayed at a longer context) spreads over every split
+// rather than losing keys or piling them onto one.
+template <int KT>
+__device__ __forceinline__ int split_length(const Params& p, int limit) {
+  return max(p.split_len, (limit + p.nsplit * KT - 1) / (p.nsplit * KT) * KT);
 }
 
 // Element offset of key position t of (row, group) in the cache.
@@ -371,10 +381,9 @@ __device__ void attend(const Params& p) {
 
   // 3. Key range of this split, up to the last key any token of the tile may see.
   const int limit = cached + t0 + ntok;  // exclusive
-  const int start = split * p.split_len;
-  // The last split runs to the row's end, so a launch sized by an understated longest row
-  // (max_seqlen_k, max_sequence_offset) stays exact.
-  const int end = split + 1 == p.nsplit ? limit : min(limit, start + p.split_len);
+  const int split_len = split_length<KT>(p, limit);
+  const int start = split * split_len;
+  const int end = min(limit, start + split_len);
 
   // Per warp: an online softmax for every pair over the warp's keys of each stage.
   float m[PAIRS], l[PAIRS], acc[PAIRS][PER_LANE];
@@ -608,11 +617,9 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   T* vc = reinterpret_cast<T*>(p.v_cache);
 
   const int limit = cached + t0 + ntok;
-  const int start = split * p.split_len;
-  // The last split runs to the row's end (see `attend`), written as a bound pushed 2^30 keys
-  // further (the host keeps rows below that): in this form ptxas keeps the static decode
-  // build within its registers.
-  const int end = min(limit, start + p.split_len + (split + 1 == p.nsplit ? (1 << 30) : 0));
+  const int split_len = split_length<KT>(p, limit);
+  const int start = split * split_len;
+  const int end = min(limit, start + split_len);
   auto load_tile = [&](int base, int st) {
     load_kv_tile<T, HD, KT, L, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
                                                  cached, row, g, q0, knew, vnew, kc, vc);
@@ -969,14 +976,14 @@ __device__ void combine(const Params& p) {
 // attn_{static|paged}_{bf16|f16}_{head dim}_mma and _mma16 (tensor cores, head dim <= 128; up
 // to 64 or 16 pairs per block),
 // attn_combine_{dtype}_{head dim}.
-// Launch bounds of the CUDA-core builds. The fp32 builds of 4 and 8 pairs and the fp16 build of
-// 8 pairs state 2 resident blocks: left to its own heuristic, ptxas caps some of them at 128 or
-// 168 registers and spills a few bytes (tests/ptx.rs fails on any spill).
+// Launch bounds of the CUDA-core builds. The fp32 builds of 4 and 8 pairs and the 16-bit builds
+// of 8 pairs state 2 resident blocks: left to its own heuristic, ptxas caps some of them at 72,
+// 128 or 168 registers and spills a few bytes (tests/ptx.rs fails on any spill).
 #define ATTN_BOUNDS(TNAME, P) ATTN_BOUNDS_##TNAME##_##P
 #define ATTN_BOUNDS_bf16_1 __launch_bounds__(THREADS)
 #define ATTN_BOUNDS_bf16_2 __launch_bounds__(THREADS)
 #define ATTN_BOUNDS_bf16_4 __launch_bounds__(THREADS)
-#define ATTN_BOUNDS_bf16_8 __launch_bounds__(THREADS)
+#define ATTN_BOUNDS_bf16_8 __launch_bounds__(THREADS, 2)
 #define ATTN_BOUNDS_f16_1 __launch_bounds__(THREADS)
 #define ATTN_BOUNDS_f16_2 __launch_bounds__(THREADS)
 #define ATTN_BOUNDS_f16_4 __launch_bounds__(THREADS)

@@ -20,10 +20,11 @@ fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
 /// The static-cache decode kernel (Megatron's `flash_decode`).
 ///
 /// The launch (split-KV) is sized by `StaticDecodeStep::max_sequence_offset` when the host
-/// gives it, by the cache's length otherwise and while a CUDA graph is being captured (its
-/// replays may run at any offset). The last split runs to each row's end, so a bound below a
-/// row's offset costs speed, never keys. The offsets themselves are not read back: each must
-/// be below the cache's length.
+/// gives it, by the cache's length otherwise. While a CUDA graph is being captured it keeps
+/// as many splits as the cache's length wants, each at least the bound's share: the kernel
+/// spreads a row's keys over all of them, so replays stay balanced at any offset, and a bound
+/// below a row's offset costs speed, never keys. The offsets themselves are not read back:
+/// each must be below the cache's length.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CudaFlashDecode {
     /// Which kernel runs the step.
@@ -153,9 +154,9 @@ impl FlashDecode for CudaFlashDecode {
 /// `paged-attention-cuda`: `flash_decode_and_prefill` over the paged cache.
 ///
 /// `PagedKv::max_seqlen_q` and `max_seqlen_k` size the launch (tiles, split-KV) and are not
-/// read back from the device: understating them costs speed, never keys (the last split of a
-/// row runs to its end). `slot_mapping` is not read: the kernel appends each new token at the
-/// slot its request's block table gives its position.
+/// read back from the device: understating them costs speed, never keys (the kernel spreads a
+/// longer row over all of the launch's splits). `slot_mapping` is not read: the kernel appends
+/// each new token at the slot its request's block table gives its position.
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPagedAttention {
     scale: f64,

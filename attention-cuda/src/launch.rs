@@ -139,8 +139,8 @@ pub(crate) struct Geometry {
     pub group: i64,
     /// Keys of the longest row as the host knows them: what the split-KV is sized by.
     pub max_keys: i64,
-    /// Keys a row can hold at most (the static cache's length): what a launch captured into a
-    /// CUDA graph is sized by instead, since its replays may run at any length.
+    /// Keys a row can hold at most (the static cache's length): what the split count of a
+    /// launch captured into a CUDA graph is sized by, since its replays may run at any length.
     pub capacity: i64,
     pub total_tokens: i64,
 }
@@ -300,14 +300,6 @@ pub(crate) fn launch(
         geo.n_rows * tiles
     };
     let blocks = work_tiles.max(geo.n_rows) * geo.hkv * nchunks;
-    // The kernels push the last split's bound 2^30 keys past its start (int arithmetic).
-    let row_keys =
-        if paged { i64::from(p.bt_stride) * i64::from(p.block_size) } else { geo.capacity };
-    if row_keys + kt >= 1 << 30 {
-        return Err(Error::Unsupported(format!(
-            "rows of up to {row_keys} keys (the kernels take fewer than 2^30)"
-        )));
-    }
     let stream = k.torch_stream(device)?;
     let capturing = || {
         stream
@@ -329,9 +321,12 @@ pub(crate) fn launch(
         max_splits,
         gathered: paged && i64::from(p.block_size) < kt,
     });
-    let per_split = (keys + nsplit - 1) / nsplit;
+    // The least keys per split: the longest row the host expects over the splits, in whole
+    // tiles. The kernels spread a longer row over every split (`split_length`), so a launch
+    // captured with the cache's capacity of splits stays balanced at any replayed length.
+    let per_split = (geo.max_keys + nsplit - 1) / nsplit;
     let split_len = ((per_split + kt - 1) / kt * kt).max(kt);
-    let nsplit = ((keys + split_len - 1) / split_len).max(1);
+    let nsplit = nsplit.min((keys + split_len - 1) / split_len).max(1);
     p.n_rows = geo.n_rows as i32;
     p.hkv = geo.hkv as i32;
     p.group = geo.group as i32;

@@ -440,8 +440,8 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
 }
 
 /// `max_seqlen_k` sizes the paged launch (its split-KV); one smaller than a request's keys
-/// (a caller's mistake) costs speed, never keys: the last split runs to each row's end. Same
-/// outputs as with the true value, on both kernel paths.
+/// (a caller's mistake) costs speed, never keys: the kernel spreads a longer row over all the
+/// launch's splits. Same outputs as with the true value, on both kernel paths.
 #[test]
 fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
     use attention_cuda::decode::CudaPagedAttention;
@@ -497,7 +497,7 @@ fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
 }
 
 /// `max_sequence_offset` sizes the static launch: with the cache's length (`None`), the true
-/// bound, or one below some rows' offsets (the last split runs to each row's end), the output
+/// bound, or one below some rows' offsets (their keys spread over the launch's splits), the output
 /// equals attention over each row's cached keys plus its new one (libtorch, fp32), and the
 /// appended cache is the same. A bound outside the cache is refused.
 #[test]
