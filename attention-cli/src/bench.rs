@@ -8,7 +8,8 @@
 //! * flash_decode: the fused static-cache decode step against SDPA decode on contiguous keys and
 //!   values (no rotary, no append) and against the same step done with libtorch ops (rotary,
 //!   index copy, SDPA); bytes = keys + values read, q/o, new k/v written; and in a cache longer
-//!   than the context, launched by the host's offset bound against by the cache's length;
+//!   than the context, launched by the host's offset bound against by the cache's length and
+//!   replayed from CUDA graphs captured at that context and at an eighth of it;
 //! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
 //! * mixed step: 64 decode requests plus one 2048-token prefill chunk in one call, against the
 //!   two parts in two calls;
@@ -61,6 +62,7 @@ mod imp {
     use attention_core::inference::{RotaryCosSin, StaticDecodeStep};
     use attention_core::rotary::apply_rotary_pos_emb;
     use attention_cuda::decode::{CudaFlashDecode, CudaPagedAttention, KernelPath};
+    use attention_cuda::graph::CudaGraph;
     use attention_spec::module::{AttnMaskType, CoreAttention, CoreAttentionInput, PagedKv};
     use serde_json::{Value, json};
     use tch::{Device, Kind, Tensor};
@@ -423,27 +425,40 @@ mod imp {
             let q = bf16(&[1, b, hq, hd], device);
             let k = bf16(&[1, b, hkv, hd], device);
             let v = bf16(&[1, b, hkv, hd], device);
-            let offsets = Tensor::full([b], l - 1, (Kind::Int, device));
-            let run = |bound: Option<i64>| {
-                time(device, reps, 20, || {
-                    let step = StaticDecodeStep {
-                        query: &q,
-                        key: &k,
-                        value: &v,
-                        key_cache: &kc,
-                        value_cache: &vc,
-                        batch_offset: 0,
-                        sequence_offsets: &offsets,
-                        max_sequence_offset: bound,
-                        rotary: None,
-                        softmax_scale: 1.0 / (hd as f64).sqrt(),
-                    };
-                    let _ = CudaFlashDecode::default().run(&step)?;
-                    Ok(())
-                })
+            let mut offsets = Tensor::full([b], l - 1, (Kind::Int, device));
+            let step = |offsets: &Tensor, bound: Option<i64>| -> Result<()> {
+                let step = StaticDecodeStep {
+                    query: &q,
+                    key: &k,
+                    value: &v,
+                    key_cache: &kc,
+                    value_cache: &vc,
+                    batch_offset: 0,
+                    sequence_offsets: offsets,
+                    max_sequence_offset: bound,
+                    rotary: None,
+                    softmax_scale: 1.0 / (hd as f64).sqrt(),
+                };
+                let _ = CudaFlashDecode::default().run(&step)?;
+                Ok(())
             };
-            let bounded = run(Some(l - 1))?;
-            let by_length = run(None)?;
+            let bounded = time(device, reps, 20, || step(&offsets, Some(l - 1)))?;
+            let by_length = time(device, reps, 20, || step(&offsets, None))?;
+            // The step captured in a CUDA graph (split-KV sized by the cache's length, each
+            // split at least the bound's share), replayed at this context: captured here, and
+            // captured at an eighth of it (a generation's graph replayed as it grows).
+            let ordinal = match device {
+                Device::Cuda(i) => i,
+                _ => bail!("not a CUDA device"),
+            };
+            let mut graph_at = |from: i64| -> Result<f64> {
+                let _ = offsets.fill_(from - 1);
+                let (graph, ()) = CudaGraph::capture(ordinal, || step(&offsets, Some(from - 1)))?;
+                let _ = offsets.fill_(l - 1);
+                time(device, reps, 20, || Ok(graph.replay()?))
+            };
+            let graph = graph_at(l)?;
+            let graph_grown = graph_at(l / 8)?;
             let kb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
             let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
             let qb = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
@@ -471,7 +486,12 @@ mod imp {
                     100.0 * gbs(bounded) / copy
                 ),
                 ("flash_decode", gbs(bounded)),
-                &[("sized by cache", gbs(by_length)), ("sdpa contiguous", gbs(sdpa))],
+                &[
+                    ("sized by cache", gbs(by_length)),
+                    ("graph", gbs(graph)),
+                    ("graph from l/8", gbs(graph_grown)),
+                    ("sdpa contiguous", gbs(sdpa)),
+                ],
                 "GB/s",
             );
         }
