@@ -411,7 +411,8 @@ mod imp {
 
     /// `flash_decode` in a static cache longer than the context (a generation's cache is sized
     /// for its longest sequence): launched by the host's offset bound against launched by the
-    /// cache's length (what a CUDA graph captures), and SDPA decode on the context alone.
+    /// cache's length, replayed from CUDA graphs captured at this context and at an eighth of
+    /// it, and SDPA decode on the context alone.
     fn decode_in_long_cache(
         device: Device,
         reps: usize,

@@ -497,9 +497,9 @@ fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
 }
 
 /// `max_sequence_offset` sizes the static launch: with the cache's length (`None`), the true
-/// bound, or one below some rows' offsets (their keys spread over the launch's splits), the output
-/// equals attention over each row's cached keys plus its new one (libtorch, fp32), and the
-/// appended cache is the same. A bound outside the cache is refused.
+/// bound, or one below some rows' offsets (their keys spread over the launch's splits), the
+/// output equals attention over each row's cached keys plus its new one (libtorch, fp32), and
+/// the appended cache is the same. A bound outside the cache is refused.
 #[test]
 fn flash_decode_is_exact_whatever_its_offset_bound() -> Result<()> {
     use attention_core::inference::StaticDecodeStep;
