@@ -308,6 +308,37 @@ mod imp {
         Ok(())
     }
 
+    /// Bytes a decode step moves: keys and values read, the query and output, the new key
+    /// and value written.
+    fn decode_bytes(b: i64, l: i64, hq: i64, hkv: i64, hd: i64) -> f64 {
+        (2 * b * l * hkv * hd * 2 + 2 * b * hq * hd * 2 + 2 * b * hkv * hd * 2) as f64
+    }
+
+    /// Seconds per SDPA decode step on contiguous `[B, L, Hkv, D]` memory (no rotary, no
+    /// append), bf16.
+    fn sdpa_decode(
+        device: Device,
+        reps: usize,
+        (b, l, hq, hkv, hd): (i64, i64, i64, i64, i64),
+    ) -> Result<f64> {
+        let kb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
+        let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
+        let qb = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
+        time(device, reps, 20, || {
+            let _ = Tensor::scaled_dot_product_attention(
+                &qb,
+                &kb,
+                &vb,
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                hq != hkv,
+            );
+            Ok(())
+        })
+    }
+
     const DECODE_SHAPES: [(i64, i64); 4] = [(1, 131072), (8, 16384), (32, 4096), (128, 1024)];
 
     fn decode(device: Device, reps: usize, copy: f64, report: &mut Report) -> Result<()> {
@@ -335,8 +366,7 @@ mod imp {
                     rotary: Some(RotaryCosSin { cos: &cos, sin: &sin, interleaved: false }),
                     softmax_scale: 1.0 / (hd as f64).sqrt(),
                 };
-                let bytes =
-                    (2 * b * l * hkv * hd * 2 + 2 * b * hq * hd * 2 + 2 * b * hkv * hd * 2) as f64;
+                let bytes = decode_bytes(b, l, hq, hkv, hd);
                 let run = |path| {
                     time(device, reps, 20, || {
                         let _ = CudaFlashDecode::with_path(path).run(&step)?;
@@ -346,23 +376,7 @@ mod imp {
                 let ours = run(KernelPath::Auto)?;
                 let cuda_cores = run(KernelPath::CudaCores)?;
                 let tensor_cores = run(KernelPath::TensorCores)?;
-                // SDPA decode on contiguous [B, L, Hkv, D] memory (no rotary, no append).
-                let kb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
-                let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
-                let qb = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
-                let sdpa = time(device, reps, 20, || {
-                    let _ = Tensor::scaled_dot_product_attention(
-                        &qb,
-                        &kb,
-                        &vb,
-                        None::<Tensor>,
-                        0.0,
-                        false,
-                        None,
-                        hq != hkv,
-                    );
-                    Ok(())
-                })?;
+                let sdpa = sdpa_decode(device, reps, (b, l, hq, hkv, hd))?;
                 // The same step with libtorch ops: rotary, index copy into the cache, SDPA.
                 let emb = Tensor::cat(&[&freqs, &freqs], -1).view([l, 1, 1, hd]);
                 let pos = Tensor::full([1], l - 1, (Kind::Int64, device));
@@ -460,24 +474,8 @@ mod imp {
             };
             let graph = graph_at(l)?;
             let graph_grown = graph_at(l / 8)?;
-            let kb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
-            let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
-            let qb = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
-            let sdpa = time(device, reps, 20, || {
-                let _ = Tensor::scaled_dot_product_attention(
-                    &qb,
-                    &kb,
-                    &vb,
-                    None::<Tensor>,
-                    0.0,
-                    false,
-                    None,
-                    true,
-                );
-                Ok(())
-            })?;
-            let bytes =
-                (2 * b * l * hkv * hd * 2 + 2 * b * hq * hd * 2 + 2 * b * hkv * hd * 2) as f64;
+            let sdpa = sdpa_decode(device, reps, (b, l, hq, hkv, hd))?;
+            let bytes = decode_bytes(b, l, hq, hkv, hd);
             let gbs = |t: f64| bytes / t / 1e9;
             report.add(
                 "decode",
