@@ -26,8 +26,18 @@ fn dev() -> Device {
     DEVICE.with(std::cell::Cell::get)
 }
 
+/// Held by every test of this binary while it runs: the tests seed libtorch's one global
+/// generator and compare dropout masks, so another test drawing random numbers between a seed
+/// and its use (the test harness runs tests on parallel threads) would change them.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn generator() -> std::sync::MutexGuard<'static, ()> {
+    GENERATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Runs `body` on every test device (the CPU, and CUDA with the `cuda` feature).
 fn on_each_device(body: fn() -> Result<()>) -> Result<()> {
+    let _generator = generator();
     for d in test_devices() {
         DEVICE.with(|c| c.set(d));
         let r = body().with_context(|| format!("on {d:?}"));
@@ -471,6 +481,7 @@ fn manual_max_logits(a: &SelfAttention, x: &Tensor, mask: &Tensor) -> Result<Ten
 /// named; `test_mode` runs it in every forward.
 #[test]
 fn realtime_tests_across_ranks() -> Result<()> {
+    let _generator = generator();
     let toml = config("qk_layernorm = true\ntest_mode = true", "sdpa");
     // One rank: runs and passes.
     let (_vs, attn) = build(&toml)?;
