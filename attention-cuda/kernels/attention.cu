@@ -224,13 +224,47 @@ __device__ __forceinline__ int lane_swizzle() {
 // so that masked keys never carry NaN into the value product. The trip count is a
 // compile-time constant, so the address arithmetic (block-table reads of the paged cache) of
 // all of a thread's copies is issued up front.
-template <typename T, int HD, int KT, typename L, int NTHREADS, bool PAGED>
+template <typename T, int HD, int KT, typename L, int NTHREADS, bool PAGED, int FAST>
 __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int base, int end, int cached, int row,
                                              int g, int q0, const T* knew, const T* vnew, const T* kc,
                                              const T* vc) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int CHUNKS = KT * (HD / VEC);
   static_assert(CHUNKS % NTHREADS == 0, "tile copy shape");
+  // Rows each pass of the block's threads covers; this thread's first row and chunk.
+  constexpr int RPI = NTHREADS / (HD / VEC);
+  static_assert(RPI >= 1 && NTHREADS % (HD / VEC) == 0, "tile copy shape");
+  const int j0 = threadIdx.x / (HD / VEC), c0 = (threadIdx.x % (HD / VEC)) * VEC;
+  // Fast paths (FAST 1: strided rows only, 2: also tiles across pages): every key of the tile
+  // is cached, so no copy needs a bounds check, and where the source rows are evenly strided
+  // (the static cache, a tile on one page) each copy costs one address add instead of the
+  // per-row offset and block-table arithmetic. Builds at their register limit take FAST 0.
+  if (FAST > 0 && base + KT <= end && base + KT <= cached) {
+    const int bs = p.block_size;
+    if (!PAGED || ((bs & (bs - 1)) == 0 ? base & (bs - 1) : base % bs) + KT <= bs) {
+      const long long off = cache_offset<PAGED>(p, row, g, base + j0, HD) + c0;
+      const long long stride = PAGED ? (long long)RPI * p.hkv * HD : (long long)RPI * p.seq_stride;
+#pragma unroll
+      for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
+        const int at = L::at(it * RPI + j0, c0 / VEC);
+        cp_async16(sk + at, kc + (off + it * stride));
+        cp_async16(sv + at, vc + (off + it * stride));
+      }
+      cp_async_commit();
+      return;
+    }
+    if (FAST == 2) {
+#pragma unroll
+      for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
+        const int at = L::at(it * RPI + j0, c0 / VEC);
+        const long long off = cache_offset<PAGED>(p, row, g, base + it * RPI + j0, HD) + c0;
+        cp_async16(sk + at, kc + off);
+        cp_async16(sv + at, vc + off);
+      }
+      cp_async_commit();
+      return;
+    }
+  }
 #pragma unroll
   for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
     const int i = it * NTHREADS + threadIdx.x;
@@ -397,7 +431,7 @@ __device__ void attend(const Params& p) {
 
   // 3a. Issues the copies of key tile `base` into stage `st`.
   auto load_tile = [&](int base, int st) {
-    load_kv_tile<T, HD, KT, L, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
+    load_kv_tile<T, HD, KT, L, THREADS, PAGED, 2>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
                                                  cached, row, g, q0, knew, vnew, kc, vc);
   };
 
@@ -621,7 +655,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   const int start = split * split_len;
   const int end = min(limit, start + split_len);
   auto load_tile = [&](int base, int st) {
-    load_kv_tile<T, HD, KT, L, THREADS, PAGED>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
+    load_kv_tile<T, HD, KT, L, THREADS, PAGED, MW == 1 ? 2 : PAGED ? 1 : 0>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
                                                  cached, row, g, q0, knew, vnew, kc, vc);
   };
   // 0. The first key tile streams in while the queries are prepared.

@@ -496,6 +496,101 @@ fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
     Ok(())
 }
 
+/// The paged kernels against attention computed in fp32 by libtorch, for block sizes whose
+/// key tiles sit on one page (64, 256: rows evenly strided), span pages (16) or either (96):
+/// a decode on 1000 cached keys and a 70-token chunk on 300 (bottom-right causal), pages in a
+/// shuffled order. The appended keys and values land in their slots.
+#[test]
+fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
+    use attention_cuda::decode::CudaPagedAttention;
+    use attention_spec::AttnMaskType;
+    use attention_spec::module::{CoreAttentionInput, PagedKv};
+    tch::manual_seed(19);
+    let (hq, hkv, hd) = (8i64, 2i64, 128i64);
+    let (cached, new) = ([1000i64, 300], [1i64, 70]);
+    let t = new[0] + new[1];
+    for bs in [16i64, 64, 96, 256] {
+        for (kind, path, tol) in [
+            (Kind::Float, KernelPath::CudaCores, 1e-5),
+            (Kind::BFloat16, KernelPath::TensorCores, 2e-2),
+        ] {
+            let per = (cached[0] + new[0] + bs - 1) / bs;
+            let nb = 2 * per;
+            let table = Tensor::randperm(nb, (Kind::Int64, Device::Cpu)).view([2, per]);
+            // Each request's keys and values in order, then scattered into its pages.
+            let keys: Vec<Tensor> =
+                cached.iter().map(|&c| Tensor::randn([c, hkv, hd], (kind, GPU))).collect();
+            let vals: Vec<Tensor> =
+                cached.iter().map(|&c| Tensor::randn([c, hkv, hd], (kind, GPU))).collect();
+            let slots_of = |r: usize, from: i64, n: i64| -> Vec<i64> {
+                (from..from + n)
+                    .map(|p| table.int64_value(&[r as i64, p / bs]) * bs + p % bs)
+                    .collect()
+            };
+            let mut kc = Tensor::randn([nb * bs, hkv, hd], (kind, GPU));
+            let mut vc = Tensor::randn([nb * bs, hkv, hd], (kind, GPU));
+            for r in 0..2 {
+                let slots = Tensor::from_slice(&slots_of(r, 0, cached[r])).to_device(GPU);
+                let _ = kc.index_copy_(0, &slots, &keys[r]);
+                let _ = vc.index_copy_(0, &slots, &vals[r]);
+            }
+            let (kc, vc) = (kc.view([nb, bs, hkv, hd]), vc.view([nb, bs, hkv, hd]));
+            let (q, k, v) = (
+                Tensor::randn([t, 1, hq, hd], (kind, GPU)),
+                Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
+                Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
+            );
+            let cu = Tensor::from_slice(&[0i32, 1, 71]).to_device(GPU);
+            let lens: Vec<i32> = (0..2).map(|r| (cached[r] + new[r]) as i32).collect();
+            let lens = Tensor::from_slice(&lens).to_device(GPU);
+            let table = table.to_kind(Kind::Int).to_device(GPU);
+            let slots = Tensor::zeros([t], (Kind::Int64, GPU));
+            let pk = PagedKv {
+                key_cache: &kc,
+                value_cache: &vc,
+                slot_mapping: &slots,
+                block_table: &table,
+                cu_seqlens_q: &cu,
+                seqlens_k: &lens,
+                max_seqlen_q: 70,
+                max_seqlen_k: 1001,
+            };
+            let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
+            let out = CudaPagedAttention::new(0.125).with_path(path).run(&input, &pk)?;
+            let what = format!("{kind:?} {path:?}, block size {bs}");
+            let mut first = 0;
+            for r in 0..2 {
+                let (c, n) = (cached[r], new[r]);
+                let g = hq / hkv;
+                let all_k = Tensor::cat(&[&keys[r], &k.narrow(0, first, n).squeeze_dim(1)], 0);
+                let all_v = Tensor::cat(&[&vals[r], &v.narrow(0, first, n).squeeze_dim(1)], 0);
+                let all_k = all_k.to_kind(Kind::Float).repeat_interleave_self_int(g, 1, None);
+                let all_v = all_v.to_kind(Kind::Float).repeat_interleave_self_int(g, 1, None);
+                let qr = q.narrow(0, first, n).squeeze_dim(1).to_kind(Kind::Float); // [n, hq, hd]
+                let scores = qr.transpose(0, 1).matmul(&all_k.permute([1, 2, 0])) * 0.125; // [hq, n, c+n]
+                // Query j sees keys 0..=c + j.
+                let pos = Tensor::arange(c + n, (Kind::Int64, GPU)).view([1, c + n]);
+                let last = Tensor::arange(n, (Kind::Int64, GPU)).view([n, 1]) + c;
+                let scores = scores.masked_fill(&pos.gt_tensor(&last), f64::NEG_INFINITY);
+                let att = scores.softmax(-1, Kind::Float).matmul(&all_v.transpose(0, 1)); // [hq, n, hd]
+                let reference = att.transpose(0, 1).reshape([n, 1, hq * hd]);
+                let got = out.narrow(0, first, n).to_kind(Kind::Float);
+                assert_close(&got, &reference, tol, tol, &format!("{what}, request {r}"))?;
+                // The new keys and values were appended at their positions.
+                let new_slots = Tensor::from_slice(&slots_of(r, c, n)).to_device(GPU);
+                let flat = |x: &Tensor| x.view([nb * bs, hkv, hd]).index_select(0, &new_slots);
+                if !flat(&kc).equal(&k.narrow(0, first, n).squeeze_dim(1))
+                    || !flat(&vc).equal(&v.narrow(0, first, n).squeeze_dim(1))
+                {
+                    bail!("{what}, request {r}: the new keys or values are not in their slots");
+                }
+                first += n;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `max_sequence_offset` sizes the static launch: with the cache's length (`None`), the true
 /// bound, or one below some rows' offsets (their keys spread over the launch's splits), the
 /// output equals attention over each row's cached keys plus its new one (libtorch, fp32), and
