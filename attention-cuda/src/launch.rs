@@ -146,7 +146,13 @@ pub(crate) struct Geometry {
 }
 
 /// Whether `path` runs on the tensor cores for this launch.
-fn use_tensor_cores(path: KernelPath, kind: Kind, hd: i64, geo: &Geometry) -> Result<bool, Error> {
+fn use_tensor_cores(
+    paged: bool,
+    path: KernelPath,
+    kind: Kind,
+    hd: i64,
+    geo: &Geometry,
+) -> Result<bool, Error> {
     let supported = matches!(kind, Kind::BFloat16 | Kind::Half) && [32, 64, 128].contains(&hd);
     match path {
         KernelPath::CudaCores => Ok(false),
@@ -154,9 +160,14 @@ fn use_tensor_cores(path: KernelPath, kind: Kind, hd: i64, geo: &Geometry) -> Re
         KernelPath::TensorCores => Err(Error::Unsupported(format!(
             "the tensor-core kernel with {kind:?} and head dimension {hd} (bfloat16 or float16, 32, 64 or 128)"
         ))),
-        // One query row per key/value head (MHA decode) keeps the CUDA-core kernel: the MMA
-        // would waste 15 of its 16 rows.
-        KernelPath::Auto => Ok(supported && geo.group * geo.max_q.max(1) > 1),
+        // One query row per key/value head (MHA decode) wastes 15 of the MMA's 16 rows. Over
+        // the static cache at head dimension 128 the bandwidth bound hides it (bf16: 0.8-2.3%
+        // faster than the CUDA cores on three of the four bench shapes, 0.5% slower at
+        // 128 x 1024, H100 and H200); over 16-token pages it does not (up to 8% slower), and
+        // smaller head dimensions were not measured: those keep the CUDA cores.
+        KernelPath::Auto => {
+            Ok(supported && (geo.group * geo.max_q.max(1) > 1 || (!paged && hd == 128)))
+        }
     }
 }
 
@@ -256,7 +267,7 @@ pub(crate) fn launch(
         let tokens_per_tile = (max_pairs / heads_per_chunk).max(1).min(geo.max_q.max(1));
         (heads_per_chunk, tokens_per_tile)
     };
-    let (variant, max_pairs, kt, smem) = if use_tensor_cores(path, kind, hd, &geo)? {
+    let (variant, max_pairs, kt, smem) = if use_tensor_cores(paged, path, kind, hd, &geo)? {
         // Two stages of keys and values (the merge reuses them), one row tile of queries, then
         // the static cache's fp32 new key.
         // Key/value rows of at least 8 16-byte chunks are swizzled, narrower ones padded

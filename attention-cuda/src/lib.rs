@@ -126,8 +126,8 @@ pub fn require_cuda(device: Device) -> Result<(), Error> {
 #[serde(rename_all = "kebab-case")]
 pub enum KernelPath {
     /// Tensor cores where they apply (bf16/f16, head dimension 32, 64 or 128) and a block has
-    /// more than one query row per key/value head (GQA, or several new tokens); otherwise CUDA
-    /// cores.
+    /// more than one query row per key/value head (GQA, or several new tokens), or for
+    /// `flash_decode` at head dimension 128 whatever the grouping; otherwise CUDA cores.
     #[default]
     Auto,
     /// fp32 dot products on the CUDA cores: every dtype and head dimension.
