@@ -161,7 +161,7 @@ fn use_tensor_cores(
             "the tensor-core kernel with {kind:?} and head dimension {hd} (bfloat16 or float16, 32, 64 or 128)"
         ))),
         // One query row per key/value head (MHA decode) wastes 15 of the MMA's 16 rows. Over
-        // the static cache at head dimension 128 the bandwidth bound hides it (bf16: 0.8-2.3%
+        // the static cache at head dimension 128 the bandwidth bound hides it (bf16: 0.3-2.3%
         // faster than the CUDA cores on three of the four bench shapes, 0.5% slower at
         // 128 x 1024, H100 and H200); over 16-token pages it does not (up to 8% slower), and
         // smaller head dimensions were not measured: those keep the CUDA cores.
