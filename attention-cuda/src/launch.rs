@@ -230,8 +230,16 @@ fn split_count(s: SplitInput) -> i64 {
     if units <= slots || units >= 4 * slots || tail == 0 || tail >= enough {
         return 1;
     }
-    wave_split(units, slots, s.keys, max_splits, 2 * s.kt)
+    wave_split(units, slots, s.keys, max_splits, WAVE_SPLIT_OVERHEAD_TILES * s.kt)
 }
+
+/// A block's start, end and share of the split combine, in key tiles, as `wave_split` prices
+/// them. Fitted on an H200 (bf16 32/8 decode, head dim 128, every split count timed): with 8,
+/// a launch of more blocks than slots and a thin last wave stays whole for 1024-key rows
+/// (B = 56, 60, 66: one split 5-10% faster than the 3 that 2 tiles chose; B = 80 at 4096
+/// keys: 3% faster) and splits in three for 4096-key rows with a last wave of up to 84 blocks
+/// (B = 50-60: 5-13% faster than one split).
+const WAVE_SPLIT_OVERHEAD_TILES: i64 = 8;
 
 /// Splits by wave cost: n splits take about waves(n) x (keys / n + `overhead`) key-times (a
 /// last wave of a few blocks takes as long as a full one; `overhead` prices a block's
@@ -450,6 +458,10 @@ mod tests {
         // A thin last wave (1024 blocks, 232 in the third wave): the wave cost decides, and
         // keeps short keys whole.
         assert_eq!(h200(1024, 1024, 4), 1);
+        // A thin last wave: 1024-key rows stay whole (B = 66 x 8 heads), 4096-key rows split
+        // in three (B = 52 x 8).
+        assert_eq!(h200(528, 1024, 4), 1);
+        assert_eq!(h200(416, 4096, 16), 3);
         // Many waves, or a last wave of enough blocks: no split.
         assert_eq!(h200(4096, 1024, 4), 1);
         assert_eq!(h200(396 + 260, 4096, 16), 1);
