@@ -251,7 +251,7 @@ fn split_count(s: SplitInput) -> i64 {
 /// a launch of more blocks than slots and a thin last wave stays whole for 1024-key rows
 /// (B = 56, 60, 66: one split 5-10% faster than the 3 that 2 tiles chose; B = 80 at 4096
 /// keys: 3% faster) and splits in three for 4096-key rows with a last wave of up to 84 blocks
-/// (B = 50-60: 5-13% faster than one split).
+/// (B = 50-60: 6-14% faster than one split).
 const WAVE_SPLIT_OVERHEAD_TILES: i64 = 8;
 
 /// Splits by wave cost: n splits take about waves(n) x (keys / n + `overhead`) key-times (a
