@@ -246,6 +246,19 @@ fn split_count(s: SplitInput) -> i64 {
     wave_split(units, slots, s.keys, max_splits, WAVE_SPLIT_OVERHEAD_TILES * s.kt)
 }
 
+/// Whether `blocks` of the static decode build run better two to a multiprocessor than
+/// `resident` (three): when more than one wave of two takes no more waves than three to a
+/// multiprocessor, two fill their waves where three leave a thin last one. Measured on an
+/// H200 (bf16, 132 multiprocessors): 32/8 with 1024 keys per row, 448, 480 and 528 blocks
+/// (B = 56, 60, 66) ran 14, 8 and 5% faster two to a multiprocessor, with 4096 keys 448
+/// blocks 9% and 400 1% faster, 32/32 512 blocks 2-6% faster and 416 blocks of 4096 keys 2%
+/// slower; 792 and 1024 blocks (two and 2.6 waves of three) were 7 and 3-5% slower, 640
+/// blocks of 4096 keys 4.5% slower; one wave either way made no difference.
+fn two_resident_fill_better(blocks: i64, resident: i64, sms: i64) -> bool {
+    let (two, three) = (2 * sms.max(1), 3 * sms.max(1));
+    resident == 3 && blocks > two && (blocks + two - 1) / two == (blocks + three - 1) / three
+}
+
 /// A block's start, end and share of the split combine, in key tiles, as `wave_split` prices
 /// them. Fitted on an H200 (bf16 32/8 decode, head dim 128, every split count timed): with 8,
 /// a launch of more blocks than slots and a thin last wave stays whole for 1024-key rows
@@ -323,8 +336,8 @@ pub(crate) fn launch(
     let nchunks = (geo.group + heads_per_chunk - 1) / heads_per_chunk;
     let tiles = (geo.max_q + tokens_per_tile - 1) / tokens_per_tile;
     let k = kernels(device, variant)?;
-    let smem = smem as u32;
-    let attend = k.function(&variant.attend_name(paged), threads, smem)?;
+    let mut smem = smem as u32;
+    let mut attend = k.function(&variant.attend_name(paged), threads, smem)?;
     // Split-KV (`split_count`), in splits of at least MIN_SPLIT_KEYS keys.
     let work_tiles = if paged {
         (geo.total_tokens + tokens_per_tile - 1) / tokens_per_tile
@@ -332,6 +345,17 @@ pub(crate) fn launch(
         geo.n_rows * tiles
     };
     let blocks = work_tiles.max(geo.n_rows) * geo.hkv * nchunks;
+    if !paged
+        && variant.tile == (Tile::TensorCores { rows: 16 })
+        && two_resident_fill_better(blocks, attend.resident, k.sm_count)
+    {
+        // Shared memory padded so that two blocks fit instead of three.
+        let padded = (k.smem_optin + 1024) / 3 + 128;
+        let two = k.function(&variant.attend_name(paged), threads, padded)?;
+        if two.resident == 2 {
+            (attend, smem) = (two, padded);
+        }
+    }
     let stream = k.torch_stream(device)?;
     let capturing = || {
         stream
@@ -444,6 +468,23 @@ mod tests {
             let err = scale_log2(bad).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("softmax scale"), "{bad}: {err:?}");
         }
+    }
+
+    #[test]
+    fn two_resident_blocks_only_where_they_fill_the_waves() {
+        use super::two_resident_fill_better as two;
+        // 132 multiprocessors: up to 264 blocks fit one wave either way, up to 396 one wave of
+        // three (two of two); 397 to 528 take two waves either way; more take fewer waves of
+        // three.
+        for (blocks, want) in
+            [(200, false), (300, false), (400, true), (448, true), (528, true), (529, false)]
+        {
+            assert_eq!(two(blocks, 3, 132), want, "{blocks} blocks");
+        }
+        for blocks in [640, 792, 1024, 4096] {
+            assert!(!two(blocks, 3, 132), "{blocks} blocks");
+        }
+        assert!(!two(448, 2, 132), "already two");
     }
 
     #[test]
