@@ -238,30 +238,12 @@ mod imp {
                     let (q, k, v) = (mk(), mk(), mk());
                     let g = bf16(&[b, h, s, hd], device);
                     let base = time(device, reps, 10, || {
-                        let _ = Tensor::scaled_dot_product_attention(
-                            &q,
-                            &k,
-                            &v,
-                            None::<Tensor>,
-                            0.0,
-                            causal,
-                            None,
-                            false,
-                        );
+                        let _ = run_sdpa(&q, &k, &v, causal, false);
                         Ok(())
                     })?;
                     let base_fb = tch::with_grad(|| {
                         time(device, reps, 5, || {
-                            let o = Tensor::scaled_dot_product_attention(
-                                &q,
-                                &k,
-                                &v,
-                                None::<Tensor>,
-                                0.0,
-                                causal,
-                                None,
-                                false,
-                            );
+                            let o = run_sdpa(&q, &k, &v, causal, false);
                             (o * &g).sum(Kind::Float).backward();
                             Ok(())
                         })
@@ -308,6 +290,12 @@ mod imp {
         Ok(())
     }
 
+    /// libtorch SDPA without mask or dropout, at the default scale; `gqa` lets fewer key/value
+    /// heads serve the query heads.
+    fn run_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, gqa: bool) -> Tensor {
+        Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, causal, None, gqa)
+    }
+
     /// Bytes a decode step moves: keys and values read, the query and output, the new key
     /// and value written.
     fn decode_bytes(b: i64, l: i64, hq: i64, hkv: i64, hd: i64) -> f64 {
@@ -325,16 +313,7 @@ mod imp {
         let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
         let qb = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
         time(device, reps, 20, || {
-            let _ = Tensor::scaled_dot_product_attention(
-                &qb,
-                &kb,
-                &vb,
-                None::<Tensor>,
-                0.0,
-                false,
-                None,
-                hq != hkv,
-            );
+            let _ = run_sdpa(&qb, &kb, &vb, false, hq != hkv);
             Ok(())
         })
     }
@@ -389,16 +368,8 @@ mod imp {
                     let _ = kc2.index_copy_(0, &pos, &kr);
                     let _ = vc2.index_copy_(0, &pos, &v);
                     // [L, B, Hkv, D] -> [B, Hkv, L, D]
-                    let _ = Tensor::scaled_dot_product_attention(
-                        &qr.permute([1, 2, 0, 3]),
-                        &kc2.permute([1, 2, 0, 3]),
-                        &vc2.permute([1, 2, 0, 3]),
-                        None::<Tensor>,
-                        0.0,
-                        false,
-                        None,
-                        hq != hkv,
-                    );
+                    let [qp, kp, vp] = [&qr, &kc2, &vc2].map(|t| t.permute([1, 2, 0, 3]));
+                    let _ = run_sdpa(&qp, &kp, &vp, false, hq != hkv);
                     Ok(())
                 })?;
                 let gbs = |t: f64| bytes / t / 1e9;
@@ -583,16 +554,7 @@ mod imp {
                                 .view([b, per * bs, hkv, hd])
                                 .narrow(1, 0, l)
                                 .transpose(1, 2);
-                        let _ = Tensor::scaled_dot_product_attention(
-                            &qb,
-                            &kg,
-                            &vg,
-                            None::<Tensor>,
-                            0.0,
-                            false,
-                            None,
-                            hq != hkv,
-                        );
+                        let _ = run_sdpa(&qb, &kg, &vg, false, hq != hkv);
                         Ok(())
                     })?;
                     let gbs = |t: f64| bytes / t / 1e9;
@@ -720,16 +682,7 @@ mod imp {
                 (q.view([1, s, hq, hd]), k.view([1, s, hkv, hd]), v.view([1, s, hkv, hd]));
             let (qb, kb, vb) = (qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2));
             let sdpa = time(device, reps, 5, || {
-                let _ = Tensor::scaled_dot_product_attention(
-                    &qb,
-                    &kb,
-                    &vb,
-                    None::<Tensor>,
-                    0.0,
-                    true,
-                    None,
-                    true,
-                );
+                let _ = run_sdpa(&qb, &kb, &vb, true, true);
                 Ok(())
             })?;
             let tf = |t: f64| flops / t / 1e12;
