@@ -638,6 +638,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   using LQ = Rows<T, HD, QREG>;
   T* sq = QREG ? sk_buf + KT * ROW : reinterpret_cast<T*>(smem + FRONT);  // [ROWS][LQ::ROW]
   float* snew = reinterpret_cast<float*>(smem + FRONT + 16 * (HD + VEC) * 2);
+  float* angles = snew + HD;  // the static cache's rotary cos [HD / 2], then sin [HD / 2]
 
   // Re-read where it is free (static: blockIdx.z), which keeps a register across the prologue.
   const int split = PAGED ? paged_split : blockIdx.z % p.nsplit;
@@ -650,6 +651,43 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   T* kc = reinterpret_cast<T*>(p.k_cache);
   T* vc = reinterpret_cast<T*>(p.v_cache);
 
+  // 0. Global loads that need no key count first, so that their latencies overlap (a block's
+  //    prologue is otherwise a chain of round trips during which its key tiles sit idle): the
+  //    queries (rows past the block's pairs are zeros) and, static cache, the new key and the
+  //    value chunk the append writes. Then the static cache's cached length, the first two key
+  //    tiles (two in flight, as in the key loop) and the rotary angles at that position.
+  //    (The paged cache's lengths are known by now, and builds of several row tiles are at
+  //    their register limit: those store each query chunk as it arrives.)
+  const T* qg = reinterpret_cast<const T*>(p.q);
+  constexpr int CPR = HD / VEC;  // 16-byte chunks per row
+  constexpr int QIT = (ROWS * CPR + THREADS - 1) / THREADS;
+  auto q_load = [&](int it) {
+    const int i = it * THREADS + threadIdx.x, pi = i / CPR, c = (i % CPR) * VEC;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (i < ROWS * CPR && pi < pairs) {
+      v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD + c);
+    }
+    return v;
+  };
+  auto q_store = [&](int it, uint4 v) {
+    const int i = it * THREADS + threadIdx.x;
+    if (i < ROWS * CPR) *reinterpret_cast<uint4*>(sq + LQ::at(i / CPR, i % CPR)) = v;
+  };
+  constexpr bool QBATCH = MW == 1 && !PAGED;
+  uint4 qv[QBATCH ? QIT : 1];
+  if (QBATCH) {
+#pragma unroll
+    for (int it = 0; it < QIT; ++it) qv[QBATCH ? it : 0] = q_load(it);
+  }
+  float kn = 0.f;
+  uint4 vn = make_uint4(0, 0, 0, 0);
+  if (!PAGED) {
+    static_assert(PAGED || HD <= THREADS, "one new-key element per thread");
+    const long long at = ((long long)row * p.hkv + g) * HD;
+    if (threadIdx.x < HD) kn = to_f(knew[at + threadIdx.x]);
+    if (owner && threadIdx.x < CPR) vn = *reinterpret_cast<const uint4*>(vnew + at + threadIdx.x * VEC);
+    cached = reinterpret_cast<const int*>(p.kv_len)[row];
+  }
   const int limit = cached + t0 + ntok;
   const int split_len = split_length<KT>(p, limit);
   const int start = split * split_len;
@@ -658,34 +696,51 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     load_kv_tile<T, HD, KT, L, THREADS, PAGED, MW == 1 ? 2 : PAGED ? 1 : 0>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
                                                  cached, row, g, q0, knew, vnew, kc, vc);
   };
-  // 0. The first key tile streams in while the queries are prepared.
-  if (start < end) load_tile(start, 0);
-
-  // 1. Queries (16-byte loads; rows past the block's pairs are zeros) and the static cache's
-  //    new key (fp32), then rotary in place: fp32, each query rounded once.
-  const T* qg = reinterpret_cast<const T*>(p.q);
-  constexpr int CPR = HD / VEC;  // 16-byte chunks per row
-  for (int i = threadIdx.x; i < ROWS * CPR; i += THREADS) {
-    const int pi = i / CPR, c = (i % CPR) * VEC;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (pi < pairs) {
-      v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD + c);
+  // (Several row tiles keep their queries in stage 1 until they are in registers: one tile.)
+  bool second = false;  // the second key tile is in flight already
+  if (start < end) {
+    load_tile(start, 0);
+    if (!QREG && start + KT < end) {
+      load_tile(start + KT, 1);
+      second = true;
     }
-    *reinterpret_cast<uint4*>(sq + LQ::at(pi, c / VEC)) = v;
+  }
+  // Rotary angles of the static cache's new position (rot_half <= HD / 2 <= THREADS).
+  const int r = PAGED ? 0 : p.rot_half;
+  float cs = 0.f, sn = 0.f;
+  if (!PAGED && threadIdx.x < r) {
+    cs = reinterpret_cast<const float*>(p.cos)[(long long)cached * r + threadIdx.x];
+    sn = reinterpret_cast<const float*>(p.sin)[(long long)cached * r + threadIdx.x];
+  }
+
+  // 1. Into shared memory; then rotary in place: fp32, each query rounded once.
+  if (QBATCH) {
+#pragma unroll
+    for (int it = 0; it < QIT; ++it) q_store(it, qv[QBATCH ? it : 0]);
+  } else {
+    for (int i = threadIdx.x; i < ROWS * CPR; i += THREADS) {
+      const int pi = i / CPR, c = (i % CPR) * VEC;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (pi < pairs) {
+        v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD + c);
+      }
+      *reinterpret_cast<uint4*>(sq + LQ::at(pi, c / VEC)) = v;
+    }
   }
   if (!PAGED) {
-    for (int d = threadIdx.x; d < HD; d += THREADS) snew[d] = to_f(knew[((long long)row * p.hkv + g) * HD + d]);
+    if (threadIdx.x < HD) snew[threadIdx.x] = kn;
+    if (threadIdx.x < r) {
+      angles[threadIdx.x] = cs;
+      angles[HD / 2 + threadIdx.x] = sn;
+    }
   }
   __syncthreads();
-  if (!PAGED && p.rot_half > 0) {
-    const int r = p.rot_half;
-    const float* cs = reinterpret_cast<const float*>(p.cos) + (long long)cached * r;
-    const float* sn = reinterpret_cast<const float*>(p.sin) + (long long)cached * r;
-    // Channel pairs (a, b) sharing angle i: (i, i + r) or (2i, 2i + 1); row `pairs` is the new key.
+  if (!PAGED && r > 0) {
+    // Channel pairs (a, b) sharing angle k: (k, k + r) or (2k, 2k + 1); row `pairs` is the new key.
     for (int i = threadIdx.x; i < (pairs + 1) * r; i += THREADS) {
       const int pi = i / r, k = i % r;
       const int a = p.interleaved ? 2 * k : k, b = p.interleaved ? 2 * k + 1 : k + r;
-      const float c = cs[k], sv_ = sn[k];
+      const float c = angles[k], sv_ = angles[HD / 2 + k];
       if (pi < pairs) {
         T& ea = sq[LQ::at(pi, a / VEC) + a % VEC];
         T& eb = sq[LQ::at(pi, b / VEC) + b % VEC];
@@ -701,8 +756,20 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     __syncthreads();
   }
 
-  // 2. The first head chunk's first split appends this tile's new keys and values.
-  if (owner) append_tokens<T, HD, PAGED>(p, row, g, q0, cached, t0, ntok, snew, knew, vnew, kc, vc);
+  // 2. The first head chunk's first split appends this tile's new keys and values (static: the
+  //    rotated key, rounded, and the value chunk loaded above).
+  if (owner) {
+    if (PAGED) {
+      append_tokens<T, HD, PAGED>(p, row, g, q0, cached, t0, ntok, snew, knew, vnew, kc, vc);
+    } else if (threadIdx.x < CPR) {
+      const long long dst = cache_offset<PAGED>(p, row, g, cached, HD) + threadIdx.x * VEC;
+      T tmp[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) tmp[e] = from_f<T>(snew[threadIdx.x * VEC + e]);
+      *reinterpret_cast<uint4*>(kc + dst) = *reinterpret_cast<uint4*>(tmp);
+      *reinterpret_cast<uint4*>(vc + dst) = vn;
+    }
+  }
 
   // The warp's query fragments: in registers for the whole key loop (QREG), or re-read from
   // shared memory per chunk.
@@ -737,7 +804,11 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 
   for (int base = start, stage = 0; base < end; base += KT, stage ^= 1) {
     if (base + KT < end) {
-      load_tile(base + KT, stage ^ 1);
+      if (second) {
+        second = false;
+      } else {
+        load_tile(base + KT, stage ^ 1);
+      }
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -898,7 +969,7 @@ __device__ void attend_mma(const Params& p) {
   } else {
     q0 = row;
     lq = 1;
-    kv_total = reinterpret_cast<const int*>(p.kv_len)[row] + 1;  // offsets[b] cached + the new token
+    kv_total = 1;  // the new token; attend_mma_rows reads offsets[b] (cached) after its query loads
   }
   const int cached = kv_total - lq;
   const int t0 = tile * p.tokens_per_tile;

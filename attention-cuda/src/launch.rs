@@ -303,13 +303,13 @@ pub(crate) fn launch(
     };
     let (variant, max_pairs, kt, smem) = if use_tensor_cores(paged, path, kind, hd, &geo)? {
         // Two stages of keys and values (the merge reuses them), one row tile of queries, then
-        // the static cache's fp32 new key.
+        // the static cache's fp32 new key and rotary angles.
         // Key/value rows of at least 8 16-byte chunks are swizzled, narrower ones padded
         // (`Rows`); the decode build's own query rows are padded.
         let row = if hd / vec >= 8 { hd } else { hd + vec };
         let stages = 4 * MMA_KT * row * elt;
         let merge = (MMA_ROWS * (hd + 4) + 2 * MMA_ROWS) * 4;
-        let smem = stages.max(merge) + 16 * (hd + vec) * elt + hd * 4;
+        let smem = stages.max(merge) + 16 * (hd + vec) * elt + 2 * hd * 4;
         // Blocks of at most 16 pairs (decode) get the one-row-tile build.
         let (h, t) = tiling(MMA_ROWS);
         let rows = if h * t <= 16 { 16 } else { MMA_ROWS };
