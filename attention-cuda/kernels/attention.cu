@@ -105,33 +105,43 @@ __device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile,
 // The end of both kernels: merges NW slices of the keys per pair (slice s of pair k has maximum
 // mm[s * stride + k], sum ll[s * stride + k] and output row aa + (s * stride + k) * arow, in
 // shared memory) and writes the normalised output (one split) or the split's partial output and
-// log-sum-exp (base 2). Pair k is new token q0 + t0 + k / nh, query head h0 + k % nh.
+// log-sum-exp (base 2). Pair k is new token q0 + t0 + k / nh, query head h0 + k % nh. Each
+// thread takes 4 consecutive channels (16-byte shared-memory reads; arow is a multiple of 4).
 template <typename T, int HD, int NW>
 __device__ __forceinline__ void merge_and_store(const Params& p, int split, int pairs, int q0, int t0, int h0, int nh,
                                                 const float* mm, const float* ll, const float* aa, int stride,
                                                 int arow) {
-  for (int i = threadIdx.x; i < pairs * HD; i += THREADS) {
-    const int k = i / HD, d = i % HD;
+  constexpr int V = 4, HV = HD / V;
+  static_assert(HD % V == 0, "merge vector");
+  for (int i = threadIdx.x; i < pairs * HV; i += THREADS) {
+    const int k = i / HV, d = (i % HV) * V;
     float mx = -INFINITY;
 #pragma unroll
     for (int s = 0; s < NW; ++s) mx = fmaxf(mx, mm[s * stride + k]);
-    float lsum = 0.f, o = 0.f;
+    float lsum = 0.f, o[V] = {0.f, 0.f, 0.f, 0.f};
     if (mx != -INFINITY) {
 #pragma unroll
       for (int s = 0; s < NW; ++s) {
         const float f = exp2f(mm[s * stride + k] - mx);
         lsum += ll[s * stride + k] * f;
-        o += aa[(s * stride + k) * arow + d] * f;
+        const float4 a = *reinterpret_cast<const float4*>(aa + (s * stride + k) * arow + d);
+        o[0] += a.x * f;
+        o[1] += a.y * f;
+        o[2] += a.z * f;
+        o[3] += a.w * f;
       }
     }
     const long long tok = q0 + t0 + k / nh;
     const int head = h0 + k % nh;
     const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
     if (p.nsplit == 1) {
-      reinterpret_cast<T*>(p.out)[(tok * p.hq + head) * HD + d] = from_f<T>(o * inv);
+      T* out = reinterpret_cast<T*>(p.out) + (tok * p.hq + head) * HD + d;
+#pragma unroll
+      for (int e = 0; e < V; ++e) out[e] = from_f<T>(o[e] * inv);
     } else {
       const long long slot = ((long long)split * p.total_tokens + tok) * p.hq + head;
-      reinterpret_cast<float*>(p.part_o)[slot * HD + d] = o * inv;
+      *reinterpret_cast<float4*>(reinterpret_cast<float*>(p.part_o) + slot * HD + d) =
+          make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
       if (d == 0) reinterpret_cast<float*>(p.part_lse)[slot] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
     }
   }
@@ -780,7 +790,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
     for (int ks = 0; ks < (QREG ? KS : 1); ++ks) ldsm_x4(qa[ks], sq + LQ::at(q_row, q_chunk + 2 * ks));
   }
-  __syncthreads();  // every warp has its queries before stage 1 is overwritten
+  if (QREG) __syncthreads();  // every warp has its queries before stage 1 is overwritten
   // Last key each of this thread's two rows (gq, gq + 8) may see; -1 for padding rows.
   int qlim[2];
 #pragma unroll
@@ -931,13 +941,15 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
     l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
   }
+  // (The key loop's last barrier, or the queries' where it ran no tile, ordered every read of
+  // the stages before these writes.) Padding rows are not merged.
   float* aa = reinterpret_cast<float*>(smem);  // [KW][ROWS][AROW]
   float* mm = aa + KW * ROWS * AROW;           // [KW][ROWS]
   float* ll = mm + KW * ROWS;                  // [KW][ROWS]
-  __syncthreads();
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = kw * ROWS + mw * 16 + gq + 8 * h;
+    if (mw * 16 + gq + 8 * h >= pairs) continue;
     if (tq == 0) {
       mm[r] = m[h];
       ll[r] = l[h];
