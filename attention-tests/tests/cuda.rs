@@ -164,6 +164,16 @@ fn flash_decode_equals_the_static_path() -> Result<()> {
                 "position_embedding_type = \"rope\"\nrotary_interleaved = true\nrotary_percent = 0.5",
             ),
         ),
+        // Partial rotate-half: 32 rotated pairs (chunks rotated in registers by the decode
+        // build), then 12 (not a whole chunk: through shared memory).
+        (
+            "rope_partial",
+            config(8, 2, 128, "position_embedding_type = \"rope\"\nrotary_percent = 0.5"),
+        ),
+        (
+            "rope_partial_uneven",
+            config(8, 2, 64, "position_embedding_type = \"rope\"\nrotary_percent = 0.375"),
+        ),
         ("hd32_gqa16", config(16, 1, 32, "position_embedding_type = \"rope\"")),
         ("hd256", config(4, 2, 256, "position_embedding_type = \"rope\"")),
     ];
