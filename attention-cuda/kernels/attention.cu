@@ -728,6 +728,8 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
     for (int it = 0; it < QIT; ++it) q_store(it, qv[QBATCH ? it : 0]);
   } else {
+    // The same as q_store(q_load(it)), in the loop form that keeps the paged head-dim-64
+    // build of several row tiles without a spill (the lambdas' form spilled 4 bytes there).
     for (int i = threadIdx.x; i < ROWS * CPR; i += THREADS) {
       const int pi = i / CPR, c = (i % CPR) * VEC;
       uint4 v = make_uint4(0, 0, 0, 0);
