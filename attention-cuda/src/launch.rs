@@ -349,8 +349,9 @@ pub(crate) fn launch(
         && variant.tile == (Tile::TensorCores { rows: 16 })
         && two_resident_fill_better(blocks, attend.resident, k.sm_count)
     {
-        // Shared memory padded so that two blocks fit instead of three.
-        let padded = (k.smem_optin + 1024) / 3 + 128;
+        // Shared memory padded so that two blocks fit instead of three (never below what the
+        // build needs: three resident blocks already imply it is under a third of the limit).
+        let padded = ((k.smem_optin + 1024) / 3 + 128).max(smem);
         let two = k.function(&variant.attend_name(paged), threads, padded)?;
         if two.resident == 2 {
             (attend, smem) = (two, padded);
