@@ -64,6 +64,23 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
   unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
 }
+// The same to a shared-memory address, copying `src_bytes` (16 or 0: zeros) of the 16.
+__device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* gmem_src, unsigned src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16_to(unsigned dst, const void* gmem_src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+// x, computed here once: the compiler keeps it in a register rather than recomputing it
+// from the thread index in a loop.
+__device__ __forceinline__ unsigned opaque(unsigned x) {
+  unsigned r;
+  asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(x));
+  return r;
+}
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -102,12 +119,29 @@ __device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile,
   tile = g - first_tile(cu, lo, p.tokens_per_tile);
 }
 
+// z = (group, chunk, split), split fastest; the divisions only where the launch has several.
+__device__ __forceinline__ void split_z(const Params& p, int z, int& g, int& chunk, int& split) {
+  int q = z;
+  split = 0;
+  if (p.nsplit > 1) {
+    split = q % p.nsplit;
+    q /= p.nsplit;
+  }
+  chunk = 0;
+  if (p.nchunks > 1) {
+    chunk = q % p.nchunks;
+    q /= p.nchunks;
+  }
+  g = q;
+}
+
 // The end of both kernels: merges NW slices of the keys per pair (slice s of pair k has maximum
 // mm[s * stride + k], sum ll[s * stride + k] and output row aa + (s * stride + k) * arow, in
 // shared memory) and writes the normalised output (one split) or the split's partial output and
 // log-sum-exp (base 2). Pair k is new token q0 + t0 + k / nh, query head h0 + k % nh. Each
 // thread takes 4 consecutive channels (16-byte shared-memory reads; arow is a multiple of 4).
-template <typename T, int HD, int NW>
+// ONE: the block has one token (static cache), so pair k is head h0 + k.
+template <typename T, int HD, int NW, bool ONE>
 __device__ __forceinline__ void merge_and_store(const Params& p, int split, int pairs, int q0, int t0, int h0, int nh,
                                                 const float* mm, const float* ll, const float* aa, int stride,
                                                 int arow) {
@@ -131,8 +165,8 @@ __device__ __forceinline__ void merge_and_store(const Params& p, int split, int 
         o[3] += a.w * f;
       }
     }
-    const long long tok = q0 + t0 + k / nh;
-    const int head = h0 + k % nh;
+    const long long tok = q0 + t0 + (ONE ? 0 : k / nh);
+    const int head = h0 + (ONE ? k : k % nh);
     const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
     if (p.nsplit == 1) {
       T* out = reinterpret_cast<T*>(p.out) + (tok * p.hq + head) * HD + d;
@@ -154,7 +188,8 @@ __device__ __forceinline__ void merge_and_store(const Params& p, int split, int 
 // rather than losing keys or piling them onto one.
 template <int KT>
 __device__ __forceinline__ int split_length(const Params& p, int limit) {
-  return max(p.split_len, (limit + p.nsplit * KT - 1) / (p.nsplit * KT) * KT);
+  const int per = p.nsplit == 1 ? limit : (limit + p.nsplit - 1) / p.nsplit;
+  return max(p.split_len, (per + KT - 1) / KT * KT);
 }
 
 // Element offset of key position t of (row, group) in the cache.
@@ -315,6 +350,74 @@ __device__ __forceinline__ void put_new_key(T* sk, int base, int end, int cached
   }
 }
 
+// Key tiles of the static cache's one-row-tile (decode) build. A block loads its tiles in order,
+// [start, start + KT), [start + KT, ...), and every thread copies the same chunk of the same rows
+// of each: its source addresses are fixed for the block up to a per-tile step, and its
+// shared-memory destinations are one address plus compile-time offsets (the swizzle repeats
+// every 8 rows). A tile whose keys are all cached costs a 16-byte copy and one address
+// multiply-add per chunk; the tile holding the split's end or the new position zero-fills
+// (cp.async with 0 source bytes) what it does not copy, reads the new value from the input, and
+// leaves the new key's row to `put_new_key`.
+template <typename T, int HD, int KT, typename L>
+struct StaticTiles {
+  static constexpr int VEC = 16 / (int)sizeof(T);
+  static constexpr int CPR = HD / VEC;              // 16-byte chunks per row
+  static constexpr int RPI = THREADS / CPR;         // rows per pass of the block
+  static constexpr int CPT = KT / RPI;              // copies per thread per tile, keys and values each
+  static constexpr unsigned ROWB = L::ROW * sizeof(T);
+  static constexpr unsigned STAGEB = KT * ROWB;     // one stage of keys; values start 2 stages on
+  static_assert(THREADS % CPR == 0 && KT % RPI == 0, "tile copy shape");
+  static_assert(!L::SWIZZLED || RPI % 8 == 0, "a thread's rows share their swizzle");
+  const char* k;         // this thread's first chunk of the next tile, key cache
+  const char* v;         // the same, value cache
+  const char* vn;        // its chunk of the new value
+  long long step;        // bytes per tile
+  unsigned rs;           // bytes between this thread's rows (RPI positions; the host checks the range)
+  unsigned dst;          // shared address of its first chunk in key stage 0
+  int j0;                // its first row of a tile
+
+  __device__ __forceinline__ void init(const Params& p, int row, int g, int start, const void* stage0) {
+    j0 = threadIdx.x / CPR;
+    const int c0 = threadIdx.x % CPR;
+    const long long e = cache_offset<false>(p, row, g, start + j0, HD) + c0 * VEC;
+    k = reinterpret_cast<const char*>(p.k_cache) + e * (long long)sizeof(T);
+    v = reinterpret_cast<const char*>(p.v_cache) + e * (long long)sizeof(T);
+    vn = reinterpret_cast<const char*>(p.v_new) + (((long long)row * p.hkv + g) * HD + c0 * VEC) * (long long)sizeof(T);
+    step = (long long)KT * p.seq_stride * (long long)sizeof(T);
+    rs = (unsigned)(RPI * p.seq_stride * (long long)sizeof(T));
+    dst = smem_addr(stage0) + L::at(j0, c0) * (unsigned)sizeof(T);
+  }
+
+  // Tile [base, base + KT) into stage st; keys at or past `end` are zeros. The static cache's
+  // one new token sits at position `cached`.
+  __device__ __forceinline__ void load(const Params& p, int base, int end, int cached, int st) {
+    const unsigned d = dst + st * STAGEB;
+    const int kend = min(end, cached);  // cached keys of the tile: [base, kend)
+    if (base + KT <= kend) {
+#pragma unroll
+      for (int it = 0; it < CPT; ++it) {
+        cp_async16_to(d + it * RPI * ROWB, k + (unsigned long long)rs * it);
+        cp_async16_to(d + 2 * STAGEB + it * RPI * ROWB, v + (unsigned long long)rs * it);
+      }
+    } else {
+#pragma unroll
+      for (int it = 0; it < CPT; ++it) {
+        const int t = base + it * RPI + j0;
+        const bool in = t < kend, fresh = t == cached && cached < end;
+        if (!fresh) {
+          cp_async16_zfill(d + it * RPI * ROWB, in ? k + (unsigned long long)rs * it : reinterpret_cast<const char*>(p.k_cache),
+                           in ? 16 : 0);
+        }
+        cp_async16_zfill(d + 2 * STAGEB + it * RPI * ROWB, in ? v + (unsigned long long)rs * it : fresh ? vn : reinterpret_cast<const char*>(p.v_cache),
+                         in || fresh ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+    k += step;
+    v += step;
+  }
+};
+
 // Appends new tokens [t0, t0 + ntok) of (row, group g) to the cache, 16 bytes at a time: the
 // keys from the new-key input (paged) or the rotated fp32 `snew` (static, one token), the
 // values from the new-value input. Each (row, group, token tile) is appended by one block, and
@@ -374,9 +477,8 @@ __device__ void attend(const Params& p) {
 
   int row, tile, z;
   block_tile<PAGED>(p, row, tile, z);
-  const int split = z % p.nsplit;
-  const int chunk = (z / p.nsplit) % p.nchunks;
-  const int g = z / (p.nsplit * p.nchunks);
+  int g, chunk, split;
+  split_z(p, z, g, chunk, split);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   int q0, lq, kv_total;
@@ -557,7 +659,8 @@ __device__ void attend(const Params& p) {
     for (int e = 0; e < PER_LANE; ++e) aa[(warp * PAIRS + k) * HD + lane * PER_LANE + e] = acc[k][e];
   }
   __syncthreads();
-  merge_and_store<T, HD, WARPS>(p, split, pairs, q0, t0, h0, nh, mm, ll, aa, PAIRS, HD);
+  // (ONE stays off here: its one-token form made the two-pair build spill.)
+  merge_and_store<T, HD, WARPS, false>(p, split, pairs, q0, t0, h0, nh, mm, ll, aa, PAIRS, HD);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -579,6 +682,17 @@ __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* ptr) {
 }
 __device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* ptr) {
   unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+// The same from shared-memory addresses.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned a) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
@@ -619,7 +733,7 @@ constexpr int MMA_ROWS = 64;
 
 template <typename T, int HD, int MW, bool PAGED>
 __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0, int lq, int cached, int t0, int ntok,
-                                                int g, int paged_split, int h0, int nh, bool owner) {
+                                                int g, int split, int h0, int nh, bool owner) {
   constexpr int VEC = 8;          // 16-bit elements per 16-byte vector
   using L = Rows<T, HD, true>;    // swizzled rows (padded for head dim 32)
   constexpr int ROW = L::ROW;
@@ -650,8 +764,6 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   float* snew = reinterpret_cast<float*>(smem + FRONT + 16 * (HD + VEC) * 2);
   float* angles = snew + HD;  // the static cache's rotary cos [HD / 2], then sin [HD / 2]
 
-  // Re-read where it is free (static: blockIdx.z), which keeps a register across the prologue.
-  const int split = PAGED ? paged_split : blockIdx.z % p.nsplit;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int mw = warp % MW, kw = warp / MW;
   const int pairs = ntok * nh;
@@ -669,13 +781,16 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   //    (The paged cache's lengths are known by now, and builds of several row tiles are at
   //    their register limit: those store each query chunk as it arrives.)
   const T* qg = reinterpret_cast<const T*>(p.q);
+  // Pair pi is token tok_of(pi) of the tile, head head_of(pi) of the chunk (static: one token).
+  auto tok_of = [&](int pi) { return PAGED ? pi / nh : 0; };
+  auto head_of = [&](int pi) { return PAGED ? pi % nh : pi; };
   constexpr int CPR = HD / VEC;  // 16-byte chunks per row
   constexpr int QIT = (ROWS * CPR + THREADS - 1) / THREADS;
   auto q_load = [&](int it) {
     const int i = it * THREADS + threadIdx.x, pi = i / CPR, c = (i % CPR) * VEC;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (i < ROWS * CPR && pi < pairs) {
-      v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD + c);
+      v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + tok_of(pi)) * p.hq + h0 + head_of(pi)) * HD + c);
     }
     return v;
   };
@@ -702,9 +817,17 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   const int split_len = split_length<KT>(p, limit);
   const int start = split * split_len;
   const int end = min(limit, start + split_len);
+  // (The static decode build copies with `StaticTiles`, the others with `load_kv_tile`.)
+  constexpr bool STILES = MW == 1 && !PAGED;
+  StaticTiles<T, HD, KT, L> tiles;
+  if (STILES) tiles.init(p, row, g, start, sk_buf);
   auto load_tile = [&](int base, int st) {
-    load_kv_tile<T, HD, KT, L, THREADS, PAGED, MW == 1 ? 2 : PAGED ? 1 : 0>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
-                                                 cached, row, g, q0, knew, vnew, kc, vc);
+    if (STILES) {
+      tiles.load(p, base, end, cached, st);
+    } else {
+      load_kv_tile<T, HD, KT, L, THREADS, PAGED, MW == 1 ? 2 : PAGED ? 1 : 0>(
+          p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end, cached, row, g, q0, knew, vnew, kc, vc);
+    }
   };
   // (Several row tiles keep their queries in stage 1 until they are in registers: one tile.)
   bool second = false;  // the second key tile is in flight already
@@ -734,7 +857,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
       const int pi = i / CPR, c = (i % CPR) * VEC;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (pi < pairs) {
-        v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + pi / nh) * p.hq + h0 + pi % nh) * HD + c);
+        v = *reinterpret_cast<const uint4*>(qg + ((long long)(q0 + t0 + tok_of(pi)) * p.hq + h0 + head_of(pi)) * HD + c);
       }
       *reinterpret_cast<uint4*>(sq + LQ::at(pi, c / VEC)) = v;
     }
@@ -748,11 +871,14 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   }
   __syncthreads();
   if (!PAGED && r > 0) {
-    // Channel pairs (a, b) sharing angle k: (k, k + r) or (2k, 2k + 1); row `pairs` is the new key.
-    for (int i = threadIdx.x; i < (pairs + 1) * r; i += THREADS) {
-      const int pi = i / r, k = i % r;
-      const int a = p.interleaved ? 2 * k : k, b = p.interleaved ? 2 * k + 1 : k + r;
-      const float c = angles[k], sv_ = angles[HD / 2 + k];
+    // Channel pairs (a, b) sharing angle k: (k, k + r) or (2k, 2k + 1); row `pairs` is the new
+    // key. HD / 2 lanes per row, one per angle (r <= HD / 2), so no lane divides by r.
+    constexpr int RH = HD / 2;
+    static_assert(THREADS % RH == 0, "rows of the rotary pass");
+    const int k = threadIdx.x % RH;
+    const int a = p.interleaved ? 2 * k : k, b = p.interleaved ? 2 * k + 1 : k + r;
+    const float c = k < r ? angles[k] : 0.f, sv_ = k < r ? angles[HD / 2 + k] : 0.f;
+    for (int pi = threadIdx.x / RH; k < r && pi <= pairs; pi += THREADS / RH) {
       if (pi < pairs) {
         T& ea = sq[LQ::at(pi, a / VEC) + a % VEC];
         T& eb = sq[LQ::at(pi, b / VEC) + b % VEC];
@@ -798,7 +924,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     int pi = mw * 16 + gq + 8 * h;
-    qlim[h] = pi < pairs ? cached + t0 + pi / nh : -1;
+    qlim[h] = pi < pairs ? cached + t0 + tok_of(pi) : -1;
   }
   int wlim = max(qlim[0], qlim[1]);
 #pragma unroll
@@ -813,6 +939,21 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   // the k dimension of the value product (transposed).
   const int k_row = (lane / 16) * 8 + lane % 8, k_chunk = (lane / 8) & 1;
   const int v_row = ((lane / 8) & 1) * 8 + lane % 8, v_chunk = lane / 16;
+  // One row tile: the byte offsets of the lane's fragments for k-steps 0..3 of a warp's 16
+  // keys, kept for the whole loop; steps 4..7 sit 128 bytes on (chunk c + 8 lands on
+  // (c ^ s) + 8 for swizzles s < 8), an immediate offset.
+  constexpr bool FRAG = MW == 1;
+  static_assert(!FRAG || KPW == 16, "one 16-key chunk per warp and stage");
+  constexpr int FS = FRAG ? (KS < 4 ? KS : 4) : 1;
+  unsigned kfo[FS], vfo[FS];
+  if (FRAG) {
+#pragma unroll
+    for (int i = 0; i < FS; ++i) {
+      kfo[i] = opaque(L::at(k_row, k_chunk + 2 * i) * (unsigned)sizeof(T));
+      vfo[i] = opaque(L::at(v_row, v_chunk + 2 * i) * (unsigned)sizeof(T));
+    }
+  }
+  constexpr unsigned STEP4 = 8 * VEC * sizeof(T);  // bytes from k-step ks to ks + 4
 
   for (int base = start, stage = 0; base < end; base += KT, stage ^= 1) {
     if (base + KT < end) {
@@ -833,9 +974,10 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     const int kb0 = base + off;   // its position
     if (kb0 < end && kb0 <= wlim) {  // warp-uniform: otherwise every key is masked
       // The key and value rows each lane addresses below are all == lane (mod 8).
-      const int sw = lane_swizzle();
+      const int sw = FRAG ? 0 : lane_swizzle();
       const T* sk = sk_buf + (stage * KT + off) * ROW;
       const T* sv = sv_buf + (stage * KT + off) * ROW;
+      const unsigned ska = FRAG ? smem_addr(sk) : 0u, sva = FRAG ? smem_addr(sv) : 0u;
       // 3b. Scores of the warp's 16 rows against its keys (two n-tiles of 8 per chunk). The
       //     k-steps are the outer loop so that the chunks' 2 x NC accumulator chains
       //     interleave (MMA latency is hidden); chunks past the last visible key cost a few
@@ -855,7 +997,11 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
           unsigned b[4];
-          ldsm_x4(b, sk + L::at(c * 16 + k_row, k_chunk + 2 * ks, sw));
+          if (FRAG) {
+            ldsm_x4(b, ska + kfo[FRAG ? ks % FS : 0] + (ks / FS) * STEP4);
+          } else {
+            ldsm_x4(b, sk + L::at(c * 16 + k_row, k_chunk + 2 * ks, sw));
+          }
           Mma<T>::run(s[2 * c], a, b[0], b[1]);
           Mma<T>::run(s[2 * c + 1], a, b[2], b[3]);
         }
@@ -926,7 +1072,11 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
           for (int dn = 0; dn < HD / 16; ++dn) {
             unsigned b[4];
-            ldsm_x4_trans(b, sv + L::at(c * 16 + v_row, v_chunk + 2 * dn, sw));
+            if (FRAG) {
+              ldsm_x4_trans(b, sva + vfo[FRAG ? dn % FS : 0] + (dn / FS) * STEP4);
+            } else {
+              ldsm_x4_trans(b, sv + L::at(c * 16 + v_row, v_chunk + 2 * dn, sw));
+            }
             Mma<T>::run(acc[2 * dn], pa, b[0], b[1]);
             Mma<T>::run(acc[2 * dn + 1], pa, b[2], b[3]);
           }
@@ -962,7 +1112,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     }
   }
   __syncthreads();
-  merge_and_store<T, HD, KW>(p, split, pairs, q0, t0, h0, nh, mm, ll, aa, ROWS, AROW);
+  merge_and_store<T, HD, KW, !PAGED>(p, split, pairs, q0, t0, h0, nh, mm, ll, aa, ROWS, AROW);
 }
 
 // The tensor-core kernel: the block's pairs decide how its warps split rows and keys. With
@@ -972,8 +1122,8 @@ template <typename T, int HD, bool PAGED, int MAXROWS>
 __device__ void attend_mma(const Params& p) {
   int row, tile, z;
   block_tile<PAGED>(p, row, tile, z);
-  const int chunk = (z / p.nsplit) % p.nchunks;
-  const int g = z / (p.nsplit * p.nchunks);
+  int g, chunk, split;
+  split_z(p, z, g, chunk, split);
   int q0, lq, kv_total;
   if (PAGED) {
     const int* cu = reinterpret_cast<const int*>(p.cu_q);
@@ -992,13 +1142,13 @@ __device__ void attend_mma(const Params& p) {
   const int h0 = g * p.group + chunk * p.heads_per_chunk;
   const int nh = min(p.heads_per_chunk, p.group - chunk * p.heads_per_chunk);
   const int pairs = ntok * nh;
-  const bool owner = chunk == 0 && z % p.nsplit == 0;
+  const bool owner = chunk == 0 && split == 0;
   if (MAXROWS == 16 || pairs <= 16) {
-    attend_mma_rows<T, HD, 1, PAGED>(p, row, q0, lq, cached, t0, ntok, g, z % p.nsplit, h0, nh, owner);
+    attend_mma_rows<T, HD, 1, PAGED>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
   } else if (pairs <= 32) {
-    attend_mma_rows<T, HD, 2, PAGED>(p, row, q0, lq, cached, t0, ntok, g, z % p.nsplit, h0, nh, owner);
+    attend_mma_rows<T, HD, 2, PAGED>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
   } else {
-    attend_mma_rows<T, HD, 4, PAGED>(p, row, q0, lq, cached, t0, ntok, g, z % p.nsplit, h0, nh, owner);
+    attend_mma_rows<T, HD, 4, PAGED>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
   }
 }
 

@@ -31,6 +31,10 @@ pub struct CudaFlashDecode {
     pub path: KernelPath,
 }
 
+/// The static cache's batch rows x groups must stay below this (see `StaticTiles` in the
+/// kernel source).
+const MAX_POSITION_SLOTS: i64 = 1 << 21;
+
 impl CudaFlashDecode {
     /// With an explicit kernel path (the default is [`KernelPath::Auto`]).
     pub fn with_path(path: KernelPath) -> Self {
@@ -60,6 +64,13 @@ impl CudaFlashDecode {
         }
         if s.value_cache.size() != s.key_cache.size() {
             return Err(Error::Input("value_cache and key_cache differ in shape".into()));
+        }
+        // The tensor-core decode build steps between a thread's key rows with a 32-bit byte
+        // offset: 2048 x max_batch x groups bytes (any dtype and head dimension).
+        if max_batch * ngp >= MAX_POSITION_SLOTS {
+            return Err(Error::Unsupported(format!(
+                "a cache of {max_batch} batch rows x {ngp} groups per position (fewer than {MAX_POSITION_SLOTS})"
+            )));
         }
         if s.batch_offset < 0 || s.batch_offset + b > max_batch {
             return Err(Error::Input(format!(
