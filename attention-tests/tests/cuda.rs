@@ -12,7 +12,7 @@
 #![cfg(feature = "cuda")]
 
 use anyhow::{Context, Result, bail};
-use attention_core::inference::InferenceContext;
+use attention_core::inference::{FlashDecode, InferenceContext, StaticDecodeStep};
 use attention_core::{Attention, AttentionInput, BuiltLayers, RotaryEmbedding, SelfAttention};
 use attention_cuda::decode::{CudaFlashDecode, KernelPath};
 use attention_inference::StaticInferenceContext;
@@ -238,6 +238,33 @@ fn kernels_refuse_unsupported_input() -> Result<()> {
         .context("fp32 on the tensor cores must be refused")?;
     match err.downcast::<ForwardError>() {
         Ok(ForwardError::Unsupported { what, .. }) if what.contains("tensor-core") => {}
+        other => bail!("unexpected {other:?}"),
+    }
+    // A static cache of 2^21 batch rows x groups per position (512 MiB each cache, never
+    // written): the decode build's 32-bit row step would overflow.
+    let bf = (Kind::BFloat16, GPU);
+    let (kc, vc) =
+        (Tensor::empty([1, 1 << 18, 8, 128], bf), Tensor::empty([1, 1 << 18, 8, 128], bf));
+    let (q, k, v) = (
+        Tensor::zeros([1, 1, 32, 128], bf),
+        Tensor::zeros([1, 1, 8, 128], bf),
+        Tensor::zeros([1, 1, 8, 128], bf),
+    );
+    let offsets = Tensor::zeros([1], (Kind::Int, GPU));
+    let step = StaticDecodeStep {
+        query: &q,
+        key: &k,
+        value: &v,
+        key_cache: &kc,
+        value_cache: &vc,
+        batch_offset: 0,
+        sequence_offsets: &offsets,
+        max_sequence_offset: None,
+        rotary: None,
+        softmax_scale: 0.1,
+    };
+    match CudaFlashDecode::default().flash_decode(&step) {
+        Err(ForwardError::Unsupported { what, .. }) if what.contains("groups per position") => {}
         other => bail!("unexpected {other:?}"),
     }
     Ok(())
