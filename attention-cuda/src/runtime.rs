@@ -315,18 +315,20 @@ impl Kernels {
         let driver = |e: cudarc::driver::DriverError| Error::Driver(format!("{name}: {e:?}"));
         // Loading and the occupancy query need the context current on this thread.
         self.ctx.bind_to_thread().map_err(driver)?;
-        if smem > self.smem_optin {
+        let func = self.module.load_function(name).map_err(driver)?;
+        // The kernel's own (static) shared memory counts against the same limit.
+        let fixed = func.shared_size_bytes().map_err(driver)?.max(0) as u32;
+        if smem + fixed > self.smem_optin {
             return Err(Error::Unsupported(format!(
-                "{name}: {smem} bytes of shared memory (the device allows {})",
+                "{name}: {smem} + {fixed} bytes of shared memory (the device allows {})",
                 self.smem_optin
             )));
         }
-        let func = self.module.load_function(name).map_err(driver)?;
         // The limit is the device's (one function handle serves every entry of its name).
         if smem > 48 * 1024 {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                self.smem_optin as i32,
+                (self.smem_optin - fixed) as i32,
             )
             .map_err(driver)?;
         }

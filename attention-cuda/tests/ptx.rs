@@ -52,6 +52,14 @@ fn check(arch: &'static str, v: Variant, ptxas: &Path, dir: &Path) -> Result<()>
     if ptx.contains(".local") {
         bail!("{arch}: the PTX of {v:?} uses local memory");
     }
+    // No static shared memory in the attention kernels: it would sit before the dynamic region
+    // and shift it off the 128-byte alignment the swizzled key/value rows rely on (the combine
+    // kernel's reduction scratch is the one static array).
+    for line in ptx.lines().map(str::trim) {
+        if line.starts_with(".shared") && !line.contains("_ZZ7combineI") {
+            bail!("{arch}: static shared memory in the PTX of {v:?}: {line}");
+        }
+    }
     let file = dir.join(format!("{}_{}_{:?}.ptx", v.dtype, v.head_dim, v.tile));
     std::fs::write(&file, ptx)?;
     let out = Command::new(ptxas)
