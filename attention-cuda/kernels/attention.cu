@@ -1157,11 +1157,8 @@ __device__ void attend_mma(const Params& p) {
 // then per-group partial sums. The threads split into RG groups of HD / 4 float4 columns;
 // group r sums splits r, r + RG, ... Each thread issues the loads of its first COMBINE_PREFETCH
 // partial rows before the log-sum-exps are reduced, so the kernel waits on memory about once.
-// Eight blocks fit a multiprocessor (at most 64 registers): 1056 blocks in one wave on 132
-// multiprocessors, where 16 prefetched rows (91 registers) fit five and a 32 x 32-head combine
-// took two waves (7.1 us under Nsight Compute on the H200).
 #define COMBINE_THREADS 128
-#define COMBINE_PREFETCH 8
+#define COMBINE_PREFETCH 16
 template <typename T, int HD>
 __device__ void combine(const Params& p) {
   constexpr int C4 = HD / 4;
@@ -1292,9 +1289,7 @@ __device__ void combine(const Params& p) {
     attend_mma<T, HD, true, 16>(p);                                                                        \
   }
 #define ATTN_COMBINE(TNAME, T, HD) \
-  extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 8) attn_combine_##TNAME##_##HD(Params p) { \
-    combine<T, HD>(p);                                                                                     \
-  }
+  extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); }
 #define ATTN_EVERY_PAIRS(TNAME, T, HD) \
   ATTN_COMBINE(TNAME, T, HD)           \
   ATTN_ATTEND(TNAME, T, HD, 1)         \
