@@ -24,7 +24,8 @@ fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
 /// as many splits as the cache's length wants, each at least the bound's share: the kernel
 /// spreads a row's keys over all of them, so replays stay balanced at any offset, and a bound
 /// below a row's offset costs speed, never keys. The offsets themselves are not read back:
-/// each must be below the cache's length.
+/// each must be below the cache's length. The cache's batch rows x groups must stay below
+/// 2^21 ([`Error::Unsupported`] otherwise).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CudaFlashDecode {
     /// Which kernel runs the step.
