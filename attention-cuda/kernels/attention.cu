@@ -354,8 +354,8 @@ __device__ __forceinline__ void put_new_key(T* sk, int base, int end, int cached
 // [start, start + KT), [start + KT, ...), and every thread copies the same chunk of the same rows
 // of each: its source addresses are fixed for the block up to a per-tile step, and its
 // shared-memory destinations are one address plus compile-time offsets (the swizzle repeats
-// every 8 rows). A tile whose keys are all cached costs a 16-byte copy and one address
-// multiply-add per chunk; the tile holding the split's end or the new position zero-fills
+// every 8 rows). A tile whose keys are all cached costs a 16-byte copy and a 64-bit address
+// add per chunk; the tile holding the split's end or the new position zero-fills
 // (cp.async with 0 source bytes) what it does not copy, reads the new value from the input, and
 // leaves the new key's row to `put_new_key`.
 template <typename T, int HD, int KT, typename L>
@@ -370,7 +370,7 @@ struct StaticTiles {
   static_assert(!L::SWIZZLED || RPI % 8 == 0, "a thread's rows share their swizzle");
   const char* k;         // this thread's first chunk of the next tile, key cache
   const char* v;         // the same, value cache
-  const char* vn;        // its chunk of the new value
+  const char* fresh_v;   // its chunk of the new value (input)
   long long step;        // bytes per tile
   unsigned rs;           // bytes between this thread's rows (RPI positions; the host checks the range)
   unsigned dst;          // shared address of its first chunk in key stage 0
@@ -382,7 +382,7 @@ struct StaticTiles {
     const long long e = cache_offset<false>(p, row, g, start + j0, HD) + c0 * VEC;
     k = reinterpret_cast<const char*>(p.k_cache) + e * (long long)sizeof(T);
     v = reinterpret_cast<const char*>(p.v_cache) + e * (long long)sizeof(T);
-    vn = reinterpret_cast<const char*>(p.v_new) + (((long long)row * p.hkv + g) * HD + c0 * VEC) * (long long)sizeof(T);
+    fresh_v = reinterpret_cast<const char*>(p.v_new) + (((long long)row * p.hkv + g) * HD + c0 * VEC) * (long long)sizeof(T);
     step = (long long)KT * p.seq_stride * (long long)sizeof(T);
     rs = (unsigned)(RPI * p.seq_stride * (long long)sizeof(T));
     dst = smem_addr(stage0) + L::at(j0, c0) * (unsigned)sizeof(T);
@@ -408,7 +408,7 @@ struct StaticTiles {
           cp_async16_zfill(d + it * RPI * ROWB, in ? k + (unsigned long long)rs * it : reinterpret_cast<const char*>(p.k_cache),
                            in ? 16 : 0);
         }
-        cp_async16_zfill(d + 2 * STAGEB + it * RPI * ROWB, in ? v + (unsigned long long)rs * it : fresh ? vn : reinterpret_cast<const char*>(p.v_cache),
+        cp_async16_zfill(d + 2 * STAGEB + it * RPI * ROWB, in ? v + (unsigned long long)rs * it : fresh ? fresh_v : reinterpret_cast<const char*>(p.v_cache),
                          in || fresh ? 16 : 0);
       }
     }
