@@ -59,17 +59,20 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
-// 16-byte global -> shared copy that bypasses registers and L1 (sm_80+).
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
-// The same to a shared-memory address, copying `src_bytes` (16 or 0: zeros) of the 16.
-__device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* gmem_src, unsigned src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
-}
+// 16-byte global -> shared copy that bypasses registers and L1 (sm_80+), to a shared-memory
+// address.
 __device__ __forceinline__ void cp_async16_to(unsigned dst, const void* gmem_src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  cp_async16_to(smem_addr(smem_dst), gmem_src);
+}
+// The same, copying `src_bytes` (16 or 0: zeros) of the 16.
+__device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* gmem_src, unsigned src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
 }
 // x, computed here once: the compiler keeps it in a register rather than recomputing it
 // from the thread index in a loop.
@@ -77,9 +80,6 @@ __device__ __forceinline__ unsigned opaque(unsigned x) {
   unsigned r;
   asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(x));
   return r;
-}
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -674,19 +674,6 @@ __device__ void attend(const Params& p) {
 // split: every warp sees every key). Queries are rounded to the element type once, after
 // rotary; probabilities are rounded to it for the value product, with fp32 accumulation.
 
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* ptr) {
-  unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* ptr) {
-  unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-// The same from shared-memory addresses.
 __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned a) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -697,6 +684,9 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned a) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
 }
+// The same from generic pointers into shared memory.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* ptr) { ldsm_x4(r, smem_addr(ptr)); }
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* ptr) { ldsm_x4_trans(r, smem_addr(ptr)); }
 
 // d += a (16x16, row-major fragment) * b (16x8, column-major fragment), fp32 accumulate.
 template <typename T> struct Mma;
