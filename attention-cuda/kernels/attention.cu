@@ -86,10 +86,13 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // The (row, token tile, z = (group, chunk, split)) of this block. Static cache: (blockIdx.y,
-// blockIdx.x, blockIdx.z). Paged cache: the blocks are renumbered so that z varies fastest and
-// the tiles run from the last to the first (a request's last tiles see the most keys, so the
-// longest blocks start first and the short ones fill the tail); the tile index g enumerates
-// the tiles of all requests, row r's starting at
+// blockIdx.z, blockIdx.x): z varies fastest, so that the blocks of a row's groups, whose keys
+// sit side by side in the cache's [s, b, h, d] memory, start together and stream neighbouring
+// bytes (same-run A/B against rows fastest: up to 2.4% faster at 1024-key rows, H100 and H200;
+// BENCHMARKS.md, 2026-11-27). Paged cache: the blocks are renumbered so that z varies fastest
+// and the tiles run from the last to the first (a request's last tiles see the most keys, so
+// the longest blocks start first and the short ones fill the tail); the tile index g
+// enumerates the tiles of all requests, row r's starting at
 // first(r) = (cu_q[r] + r * (T - 1)) / T (T = tokens per tile). Consecutive starts are at least
 // ceil(lq / T) apart, so every row's tiles fit, with at most one spare per row and none when
 // T = 1 (decode); a launch holds first(n_rows) blocks per (group, chunk, split), not n_rows x
@@ -101,8 +104,8 @@ template <bool PAGED>
 __device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile, int& z) {
   if (!PAGED) {
     row = blockIdx.y;
-    tile = blockIdx.x;
-    z = blockIdx.z;
+    tile = blockIdx.z;
+    z = blockIdx.x;
     return;
   }
   const int linear = blockIdx.x + gridDim.x * blockIdx.z;

@@ -416,14 +416,16 @@ pub(crate) fn launch(
     } else {
         (tiles, geo.n_rows)
     };
-    // The paged kernels renumber their blocks with an int: gx x z must fit.
-    if gy > 65535 || z > 65535 || gx * z > i32::MAX as i64 {
+    // The static launch runs z fastest (`block_tile`): grid (z, rows, tiles). The paged kernels
+    // renumber their blocks with an int: gx x z must fit.
+    let grid = if paged { (gx, gy, z) } else { (z, gy, gx) };
+    if grid.1 > 65535 || grid.2 > 65535 || gx * z > i32::MAX as i64 {
         return Err(Error::Unsupported(format!(
             "launch of {gx} x {gy} x {z} (group, chunk, split) blocks"
         )));
     }
     let cfg = LaunchConfig {
-        grid_dim: (gx as u32, gy as u32, z as u32),
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
