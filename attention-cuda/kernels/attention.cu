@@ -48,6 +48,7 @@ struct Params {
   int split_len;                       // least keys per split (a multiple of the key tile)
   int total_tokens;                    // query tokens of the launch (rows of out / part_o)
   float scale_log2;                    // softmax_scale * log2(e)
+  int z_fastest;                       // static: grid (z, rows, tiles) instead of (tiles, rows, z)
 };
 
 template <typename T> __device__ __forceinline__ float to_f(T x);
@@ -86,10 +87,10 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // The (row, token tile, z = (group, chunk, split)) of this block. Static cache: (blockIdx.y,
-// blockIdx.z, blockIdx.x): z varies fastest, so that the blocks of a row's groups, whose keys
-// sit side by side in the cache's [s, b, h, d] memory, start together and stream neighbouring
-// bytes (same-run A/B against rows fastest: up to 2.4% faster at 1024-key rows, H100 and H200;
-// BENCHMARKS.md, 2026-11-27). Paged cache: the blocks are renumbered so that z varies fastest
+// blockIdx.x, blockIdx.z), or with p.z_fastest (blockIdx.y, blockIdx.z, blockIdx.x): then the
+// blocks of a row's groups, whose keys sit side by side in the cache's [s, b, h, d] memory,
+// start together and stream neighbouring bytes (the host chooses it for blocks of few keys:
+// `launch`). Paged cache: the blocks are renumbered so that z varies fastest
 // and the tiles run from the last to the first (a request's last tiles see the most keys, so
 // the longest blocks start first and the short ones fill the tail); the tile index g
 // enumerates the tiles of all requests, row r's starting at
@@ -104,8 +105,8 @@ template <bool PAGED>
 __device__ __forceinline__ void block_tile(const Params& p, int& row, int& tile, int& z) {
   if (!PAGED) {
     row = blockIdx.y;
-    tile = blockIdx.z;
-    z = blockIdx.x;
+    tile = p.z_fastest ? blockIdx.z : blockIdx.x;
+    z = p.z_fastest ? blockIdx.x : blockIdx.z;
     return;
   }
   const int linear = blockIdx.x + gridDim.x * blockIdx.z;
