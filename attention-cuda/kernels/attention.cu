@@ -90,10 +90,10 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // blockIdx.x, blockIdx.z), or with p.z_fastest (blockIdx.y, blockIdx.z, blockIdx.x): then the
 // blocks of a row's groups, whose keys sit side by side in the cache's [s, b, h, d] memory,
 // start together and stream neighbouring bytes (the host chooses it for blocks of few keys:
-// `launch`). Paged cache: the blocks are renumbered so that z varies fastest
-// and the tiles run from the last to the first (a request's last tiles see the most keys, so
-// the longest blocks start first and the short ones fill the tail); the tile index g
-// enumerates the tiles of all requests, row r's starting at
+// `launch`). Paged cache: the blocks are renumbered so that z varies fastest and the tiles run
+// from the last to the first (a request's last tiles see the most keys, so the longest blocks
+// start first and the short ones fill the tail); the tile index g enumerates the tiles of all
+// requests, row r's starting at
 // first(r) = (cu_q[r] + r * (T - 1)) / T (T = tokens per tile). Consecutive starts are at least
 // ceil(lq / T) apart, so every row's tiles fit, with at most one spare per row and none when
 // T = 1 (decode); a launch holds first(n_rows) blocks per (group, chunk, split), not n_rows x

@@ -423,10 +423,10 @@ pub(crate) fn launch(
     };
     // Static cache: a row's (group, chunk, split) blocks side by side (grid (z, rows, tiles),
     // `block_tile`) where each holds few keys, rows side by side (grid (tiles, rows, z))
-    // otherwise. Same-run A/B (bf16 decode, head dim 128): z fastest ran 1.2-2.4% faster with
-    // 1024 keys per block (32/8 and 32/32, 128 rows) on an H100 and two of three H200s
-    // (unchanged on the third); with 4096 it ran 0.7% faster on the H100 but 1-2% slower on
-    // two of the H200s (32/32, 32 rows). Rows of 2048 keys were not measured.
+    // otherwise. Same-run A/B (bf16 decode, head dim 128): z fastest ran 0.7-2.5% faster with
+    // 1024 keys per block (32/8 and 32/32, 128 rows) on two H100s and three of four H200s
+    // (unchanged on the fourth); with 4096 it ran 0.7% faster on an H100 but 1-2% slower on
+    // two H200s (32/32, 32 rows). Blocks of 2048 keys were not measured.
     let z_fastest = !paged && split_len <= Z_FASTEST_MAX_KEYS;
     p.z_fastest = i32::from(z_fastest);
     // The paged kernels renumber their blocks with an int: gx x z must fit.
