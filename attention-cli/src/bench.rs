@@ -6,8 +6,8 @@
 //!   Megatron's `[s, b, h, d]` layout) against PyTorch SDPA's default backend on
 //!   `[B, S, H, D]` memory viewed `[B, H, S, D]`, B·S = 16k, H·D = 2048;
 //! * flash_decode: the fused static-cache decode step against SDPA decode on contiguous keys and
-//!   values (no rotary, no append) and against the same step done with libtorch ops (rotary,
-//!   index copy, SDPA); bytes = keys + values read, q/o, new k/v written; and in a cache longer
+//!   values (no rotary, no append), SDPA decode on the static cache's own memory, and the same
+//!   step done with libtorch ops (rotary, index copy, SDPA); bytes = keys + values read, q/o, new k/v written; and in a cache longer
 //!   than the context, launched by the host's offset bound against by the cache's length and
 //!   replayed from CUDA graphs captured at that context and at an eighth of it;
 //! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
@@ -356,6 +356,13 @@ mod imp {
                 let cuda_cores = run(KernelPath::CudaCores)?;
                 let tensor_cores = run(KernelPath::TensorCores)?;
                 let sdpa = sdpa_decode(device, reps, (b, l, hq, hkv, hd))?;
+                // SDPA decode on the cache's [L, B, Hkv, D] memory viewed [B, Hkv, L, D] (no
+                // rotary, no append): the same bytes in the same layout as the kernel's.
+                let [qv, kv, vv] = [&q, &kc, &vc].map(|t| t.permute([1, 2, 0, 3]));
+                let sdpa_cache = time(device, reps, 20, || {
+                    let _ = run_sdpa(&qv, &kv, &vv, false, hq != hkv);
+                    Ok(())
+                })?;
                 // The same step with libtorch ops: rotary, index copy into the cache, SDPA.
                 let emb = Tensor::cat(&[&freqs, &freqs], -1).view([l, 1, 1, hd]);
                 let pos = Tensor::full([1], l - 1, (Kind::Int64, device));
@@ -385,6 +392,7 @@ mod imp {
                         ("cuda cores", gbs(cuda_cores)),
                         ("tensor cores", gbs(tensor_cores)),
                         ("sdpa contiguous", gbs(sdpa)),
+                        ("sdpa on the cache", gbs(sdpa_cache)),
                         ("libtorch ops", gbs(ops)),
                     ],
                     "GB/s",
