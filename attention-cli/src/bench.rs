@@ -7,9 +7,10 @@
 //!   `[B, S, H, D]` memory viewed `[B, H, S, D]`, B·S = 16k, H·D = 2048;
 //! * flash_decode: the fused static-cache decode step against SDPA decode on contiguous keys and
 //!   values (no rotary, no append), SDPA decode on the static cache's own memory, and the same
-//!   step done with libtorch ops (rotary, index copy, SDPA); bytes = keys + values read, q/o, new k/v written; and in a cache longer
-//!   than the context, launched by the host's offset bound against by the cache's length and
-//!   replayed from CUDA graphs captured at that context and at an eighth of it;
+//!   step done with libtorch ops (rotary, index copy, SDPA); bytes = keys + values read, q/o,
+//!   new k/v written; and in a cache longer than the context, launched by the host's offset
+//!   bound against by the cache's length and replayed from CUDA graphs captured at that context
+//!   and at an eighth of it;
 //! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
 //! * mixed step: 64 decode requests plus one 2048-token prefill chunk in one call, against the
 //!   two parts in two calls;
