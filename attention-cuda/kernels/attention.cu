@@ -3,7 +3,9 @@
 // Two kernels serve both caches (PAGED selects the addressing). A block owns one request
 // ("row"), one tile of its new query tokens, one chunk of the query heads of one key/value
 // group (so each key/value head is read once per group, not once per query head), and one
-// split of the key range (flash-decoding's split-KV). Keys and values stream through shared
+// split of the key range (flash-decoding's split-KV). The static cache's tensor-core decode
+// build also comes in blocks of 2 or 4 neighbouring key/value groups (`_mma16g2`, `_mma16g4`:
+// the same bytes in fewer, longer blocks). Keys and values stream through shared
 // memory a tile at a time (cp.async, double-buffered), with an online softmax per (token, head)
 // pair (fp32 accumulation, exp2 with a log2(e)-premultiplied scale).
 //
@@ -337,82 +339,101 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
   cp_async_commit();
 }
 
-// Static cache: the step's new key (the rotated fp32 `snew`, rounded) into its row of key stage
-// sk, if position `cached` is in tile [base, base + KT) and before end. Called between the
-// stage's cp.async wait and the barrier that publishes it (its previous readers passed the
-// barrier before the wait).
-template <typename T, int HD, int KT, typename L>
+// Static cache: the step's new keys (the rotated fp32 `snew`, [GPB][HD], rounded) into their
+// rows of key stage sk, if position `cached` is in tile [base, base + KP) and before end. A
+// stage holds KP positions of each of GPB key/value heads, head h's in rows [h * KP, h * KP + KP).
+// Called between the stage's cp.async wait and the barrier that publishes it (its previous
+// readers passed the barrier before the wait).
+template <typename T, int HD, int KP, typename L, int GPB = 1>
 __device__ __forceinline__ void put_new_key(T* sk, int base, int end, int cached, const float* snew) {
   constexpr int VEC = 16 / sizeof(T);
+  constexpr int CPR = HD / VEC;
   const int j = cached - base;
-  if (j < 0 || j >= KT || cached >= end) return;
-  for (int c = threadIdx.x; c < HD / VEC; c += THREADS) {
+  if (j < 0 || j >= KP || cached >= end) return;
+  for (int i = threadIdx.x; i < GPB * CPR; i += THREADS) {
+    const int h = i / CPR, c = i % CPR;
     T tmp[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) tmp[e] = from_f<T>(snew[c * VEC + e]);
-    *reinterpret_cast<uint4*>(sk + L::at(j, c)) = *reinterpret_cast<uint4*>(tmp);
+    for (int e = 0; e < VEC; ++e) tmp[e] = from_f<T>(snew[i * VEC + e]);
+    *reinterpret_cast<uint4*>(sk + L::at(h * KP + j, c)) = *reinterpret_cast<uint4*>(tmp);
   }
 }
 
-// Key tiles of the static cache's one-row-tile (decode) build. A block loads its tiles in order,
-// [start, start + KT), [start + KT, ...), and every thread copies the same chunk of the same rows
-// of each: its source addresses are fixed for the block up to a per-tile step, and its
-// shared-memory destinations are one address plus compile-time offsets (the swizzle repeats
-// every 8 rows). A tile whose keys are all cached costs a 16-byte copy and a 64-bit address
-// add per chunk; the tile holding the split's end or the new position zero-fills
-// (cp.async with 0 source bytes) what it does not copy, reads the new value from the input, and
-// leaves the new key's row to `put_new_key`.
-template <typename T, int HD, int KT, typename L>
+// Key tiles of the static cache's one-row-tile (decode) build, for a block of GPB neighbouring
+// key/value heads of one batch row: a tile holds KP = KT / GPB positions of each head (head h's
+// in stage rows [h * KP, h * KP + KP)), and each position's GPB heads are GPB * HD contiguous
+// elements of the cache, which the block's copy instructions read whole. A block loads its tiles
+// in order, [start, start + KP), [start + KP, ...), and every thread copies the same chunk of
+// the same rows of each: its source addresses are fixed for the block up to a per-tile step, and
+// its shared-memory destinations are one address plus offsets that repeat every 8 rows (the
+// swizzle). A tile whose keys are all cached costs a 16-byte copy and a 64-bit address add per
+// chunk; the tile holding the split's end or the new position zero-fills (cp.async with 0 source
+// bytes) what it does not copy, reads the new values from the input, and leaves the new keys'
+// rows to `put_new_key`.
+template <typename T, int HD, int KT, typename L, int GPB>
 struct StaticTiles {
   static constexpr int VEC = 16 / (int)sizeof(T);
   static constexpr int CPR = HD / VEC;              // 16-byte chunks per row
-  static constexpr int RPI = THREADS / CPR;         // rows per pass of the block
-  static constexpr int CPT = KT / RPI;              // copies per thread per tile, keys and values each
+  static constexpr int CPP = GPB * CPR;             // 16-byte chunks per position (GPB heads)
+  static constexpr int KP = KT / GPB;               // positions per tile
+  static constexpr int PPP = THREADS / CPP;         // positions per pass of the block
+  static constexpr int CPT = KP / PPP;              // copies per thread per tile, keys and values each
   static constexpr unsigned ROWB = L::ROW * sizeof(T);
   static constexpr unsigned STAGEB = KT * ROWB;     // one stage of keys; values start 2 stages on
-  static_assert(THREADS % CPR == 0 && KT % RPI == 0, "tile copy shape");
-  static_assert(!L::SWIZZLED || RPI % 8 == 0, "a thread's rows share their swizzle");
+  static_assert(THREADS % CPP == 0 && KP % PPP == 0 && KP % 8 == 0, "tile copy shape");
+  // A thread's rows are j0 + it * PPP (+ h * KP): their swizzle (row % 8) is j0 ^ flip(it).
+  static_assert(!L::SWIZZLED || PPP % 8 == 0 || 8 % PPP == 0, "a thread's swizzles");
+  static __device__ __forceinline__ unsigned flip(int it) { return L::SWIZZLED && PPP < 8 ? (it * PPP) & 7 : 0u; }
   const char* k;         // this thread's first chunk of the next tile, key cache
   const char* v;         // the same, value cache
-  const char* fresh_v;   // its chunk of the new value (input)
+  const char* fresh_v;   // its chunk of the new values (input)
   long long step;        // bytes per tile
-  unsigned rs;           // bytes between this thread's rows (RPI positions; the host checks the range)
-  unsigned dst;          // shared address of its first chunk in key stage 0
-  int j0;                // its first row of a tile
+  unsigned rs;           // bytes between this thread's rows (PPP positions; the host checks the range)
+  unsigned dst;          // shared address of its first row in key stage 0
+  unsigned cx;           // its chunk's byte offset in the row, before the per-row flip
+  int j0;                // its first position of a tile
 
-  __device__ __forceinline__ void init(const Params& p, int row, int g, int start, const void* stage0) {
-    j0 = threadIdx.x / CPR;
-    const int c0 = threadIdx.x % CPR;
-    const long long e = cache_offset<false>(p, row, g, start + j0, HD) + c0 * VEC;
+  __device__ __forceinline__ void init(const Params& p, int row, int g0, int start, const void* stage0) {
+    j0 = threadIdx.x / CPP;
+    const int cc = threadIdx.x % CPP, h = cc / CPR, c0 = cc % CPR;
+    const long long e = cache_offset<false>(p, row, g0, start + j0, HD) + cc * VEC;
     k = reinterpret_cast<const char*>(p.k_cache) + e * (long long)sizeof(T);
     v = reinterpret_cast<const char*>(p.v_cache) + e * (long long)sizeof(T);
-    fresh_v = reinterpret_cast<const char*>(p.v_new) + (((long long)row * p.hkv + g) * HD + c0 * VEC) * (long long)sizeof(T);
-    step = (long long)KT * p.seq_stride * (long long)sizeof(T);
-    rs = (unsigned)(RPI * p.seq_stride * (long long)sizeof(T));
-    dst = smem_addr(stage0) + L::at(j0, c0) * (unsigned)sizeof(T);
+    fresh_v = reinterpret_cast<const char*>(p.v_new) + (((long long)row * p.hkv + g0) * HD + cc * VEC) * (long long)sizeof(T);
+    step = (long long)KP * p.seq_stride * (long long)sizeof(T);
+    rs = (unsigned)(PPP * p.seq_stride * (long long)sizeof(T));
+    const int r0 = h * KP + j0;
+    dst = smem_addr(stage0) + (unsigned)r0 * ROWB;
+    cx = opaque((unsigned)(L::at(r0, c0) - r0 * L::ROW) * (unsigned)sizeof(T));
   }
 
-  // Tile [base, base + KT) into stage st; keys at or past `end` are zeros. The static cache's
+  // Shared address of copy `it` in key stage st.
+  __device__ __forceinline__ unsigned to(int st, int it) const {
+    return dst + st * STAGEB + it * PPP * ROWB + (cx ^ (flip(it) * 16u));
+  }
+
+  // Tile [base, base + KP) into stage st; keys at or past `end` are zeros. The static cache's
   // one new token sits at position `cached`.
   __device__ __forceinline__ void load(const Params& p, int base, int end, int cached, int st) {
-    const unsigned d = dst + st * STAGEB;
     const int kend = min(end, cached);  // cached keys of the tile: [base, kend)
-    if (base + KT <= kend) {
+    if (base + KP <= kend) {
 #pragma unroll
       for (int it = 0; it < CPT; ++it) {
-        cp_async16_to(d + it * RPI * ROWB, k + (unsigned long long)rs * it);
-        cp_async16_to(d + 2 * STAGEB + it * RPI * ROWB, v + (unsigned long long)rs * it);
+        const unsigned d = to(st, it);
+        cp_async16_to(d, k + (unsigned long long)rs * it);
+        cp_async16_to(d + 2 * STAGEB, v + (unsigned long long)rs * it);
       }
     } else {
 #pragma unroll
       for (int it = 0; it < CPT; ++it) {
-        const int t = base + it * RPI + j0;
+        const unsigned d = to(st, it);
+        const int t = base + it * PPP + j0;
         const bool in = t < kend, fresh = t == cached && cached < end;
         if (!fresh) {
-          cp_async16_zfill(d + it * RPI * ROWB, in ? k + (unsigned long long)rs * it : reinterpret_cast<const char*>(p.k_cache),
+          cp_async16_zfill(d, in ? k + (unsigned long long)rs * it : reinterpret_cast<const char*>(p.k_cache),
                            in ? 16 : 0);
         }
-        cp_async16_zfill(d + 2 * STAGEB + it * RPI * ROWB, in ? v + (unsigned long long)rs * it : fresh ? fresh_v : reinterpret_cast<const char*>(p.v_cache),
+        cp_async16_zfill(d + 2 * STAGEB, in ? v + (unsigned long long)rs * it : fresh ? fresh_v : reinterpret_cast<const char*>(p.v_cache),
                          in || fresh ? 16 : 0);
       }
     }
@@ -725,7 +746,11 @@ template <> struct Mma<__half> {
 constexpr int MMA_KT = 64;
 constexpr int MMA_ROWS = 64;
 
-template <typename T, int HD, int MW, bool PAGED>
+// GPB > 1 (the static decode build, MW = 1): the block serves GPB neighbouring key/value heads
+// g, g + 1, ... of its row, whose query heads are its pairs (h0 = g x group, nh = GPB x group);
+// each key tile holds KT / GPB positions of every head, warp w attends to head w / (KW / GPB),
+// and a row's partial results from the other heads' warps are dropped in the merge.
+template <typename T, int HD, int MW, bool PAGED, int GPB = 1>
 __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0, int lq, int cached, int t0, int ntok,
                                                 int g, int split, int h0, int nh, bool owner) {
   constexpr int VEC = 8;          // 16-bit elements per 16-byte vector
@@ -738,7 +763,10 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   constexpr int KS = HD / 16;     // k-steps of the scores
   constexpr int NT = HD / 8;      // n-tiles of the output
   constexpr int AROW = HD + 4;    // fp32 merge row (padded)
+  constexpr int KP = KT / GPB;    // positions per stage (of each of the block's heads)
+  constexpr int WPG = KW / GPB;   // warps per head
   static_assert(sizeof(T) == 2 && HD % 16 == 0 && KPW % 16 == 0, "tile shape");
+  static_assert(GPB == 1 || (MW == 1 && !PAGED && KW % GPB == 0), "several heads per block: static decode only");
   static_assert(KT == MMA_KT && ROWS <= MMA_ROWS, "tile shape");
   extern __shared__ __align__(16) unsigned char smem[];
   T* sk_buf = reinterpret_cast<T*>(smem);  // [2][KT][ROW]
@@ -756,7 +784,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   using LQ = Rows<T, HD, QREG>;
   T* sq = QREG ? sk_buf + KT * ROW : reinterpret_cast<T*>(smem + FRONT);  // [ROWS][LQ::ROW]
   float* snew = reinterpret_cast<float*>(smem + FRONT + 16 * (HD + VEC) * 2);
-  float* angles = snew + HD;  // the static cache's rotary cos [HD / 2], then sin [HD / 2]
+  float* angles = snew + GPB * HD;  // the static cache's rotary cos [HD / 2], then sin [HD / 2]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int mw = warp % MW, kw = warp / MW;
@@ -798,22 +826,28 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 #pragma unroll
     for (int it = 0; it < QIT; ++it) qv[QBATCH ? it : 0] = q_load(it);
   }
-  float kn = 0.f;
+  // The new keys of the block's heads (GPB x HD contiguous elements), KN per thread.
+  constexpr int KN = (GPB * HD + THREADS - 1) / THREADS;
+  float kn[KN];
   uint4 vn = make_uint4(0, 0, 0, 0);
   if (!PAGED) {
-    static_assert(PAGED || HD <= THREADS, "one new-key element per thread");
+    static_assert(PAGED || GPB * CPR <= THREADS, "one new-value chunk per thread");
     const long long at = ((long long)row * p.hkv + g) * HD;
-    if (threadIdx.x < HD) kn = to_f(knew[at + threadIdx.x]);
-    if (owner && threadIdx.x < CPR) vn = *reinterpret_cast<const uint4*>(vnew + at + threadIdx.x * VEC);
+#pragma unroll
+    for (int i = 0; i < KN; ++i) {
+      const int e = i * THREADS + threadIdx.x;
+      kn[i] = e < GPB * HD ? to_f(knew[at + e]) : 0.f;
+    }
+    if (owner && threadIdx.x < GPB * CPR) vn = *reinterpret_cast<const uint4*>(vnew + at + threadIdx.x * VEC);
     cached = reinterpret_cast<const int*>(p.kv_len)[row];
   }
   const int limit = cached + t0 + ntok;
-  const int split_len = split_length<KT>(p, limit);
+  const int split_len = split_length<KP>(p, limit);
   const int start = split * split_len;
   const int end = min(limit, start + split_len);
   // (The static decode build copies with `StaticTiles`, the others with `load_kv_tile`.)
   constexpr bool STILES = MW == 1 && !PAGED;
-  StaticTiles<T, HD, KT, L> tiles;
+  StaticTiles<T, HD, KT, L, GPB> tiles;
   if (STILES) tiles.init(p, row, g, start, sk_buf);
   auto load_tile = [&](int base, int st) {
     if (STILES) {
@@ -827,8 +861,8 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   bool second = false;  // the second key tile is in flight already
   if (start < end) {
     load_tile(start, 0);
-    if (!QREG && start + KT < end) {
-      load_tile(start + KT, 1);
+    if (!QREG && start + KP < end) {
+      load_tile(start + KP, 1);
       second = true;
     }
   }
@@ -857,7 +891,11 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     }
   }
   if (!PAGED) {
-    if (threadIdx.x < HD) snew[threadIdx.x] = kn;
+#pragma unroll
+    for (int i = 0; i < KN; ++i) {
+      const int e = i * THREADS + threadIdx.x;
+      if (e < GPB * HD) snew[e] = kn[i];
+    }
     if (threadIdx.x < r) {
       angles[threadIdx.x] = cs;
       angles[HD / 2 + threadIdx.x] = sn;
@@ -865,14 +903,14 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   }
   __syncthreads();
   if (!PAGED && r > 0) {
-    // Channel pairs (a, b) sharing angle k: (k, k + r) or (2k, 2k + 1); row `pairs` is the new
-    // key. HD / 2 lanes per row, one per angle (r <= HD / 2), so no lane divides by r.
+    // Channel pairs (a, b) sharing angle k: (k, k + r) or (2k, 2k + 1); rows `pairs` on are the
+    // new keys. HD / 2 lanes per row, one per angle (r <= HD / 2), so no lane divides by r.
     constexpr int RH = HD / 2;
     static_assert(THREADS % RH == 0, "rows of the rotary pass");
     const int k = threadIdx.x % RH;
     const int a = p.interleaved ? 2 * k : k, b = p.interleaved ? 2 * k + 1 : k + r;
     const float c = k < r ? angles[k] : 0.f, sv_ = k < r ? angles[HD / 2 + k] : 0.f;
-    for (int pi = threadIdx.x / RH; k < r && pi <= pairs; pi += THREADS / RH) {
+    for (int pi = threadIdx.x / RH; k < r && pi < pairs + GPB; pi += THREADS / RH) {
       if (pi < pairs) {
         T& ea = sq[LQ::at(pi, a / VEC) + a % VEC];
         T& eb = sq[LQ::at(pi, b / VEC) + b % VEC];
@@ -880,9 +918,10 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
         ea = from_f<T>(xa * c - xb * sv_);
         eb = from_f<T>(xb * c + xa * sv_);
       } else {
-        const float xa = snew[a], xb = snew[b];
-        snew[a] = xa * c - xb * sv_;
-        snew[b] = xb * c + xa * sv_;
+        float* kr = snew + (pi - pairs) * HD;
+        const float xa = kr[a], xb = kr[b];
+        kr[a] = xa * c - xb * sv_;
+        kr[b] = xb * c + xa * sv_;
       }
     }
     __syncthreads();
@@ -893,7 +932,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   if (owner) {
     if (PAGED) {
       append_tokens<T, HD, PAGED>(p, row, g, q0, cached, t0, ntok, snew, knew, vnew, kc, vc);
-    } else if (threadIdx.x < CPR) {
+    } else if (threadIdx.x < GPB * CPR) {
       const long long dst = cache_offset<PAGED>(p, row, g, cached, HD) + threadIdx.x * VEC;
       T tmp[VEC];
 #pragma unroll
@@ -949,23 +988,23 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   }
   constexpr unsigned STEP4 = 8 * VEC * sizeof(T);  // bytes from k-step ks to ks + 4
 
-  for (int base = start, stage = 0; base < end; base += KT, stage ^= 1) {
-    if (base + KT < end) {
+  for (int base = start, stage = 0; base < end; base += KP, stage ^= 1) {
+    if (base + KP < end) {
       if (second) {
         second = false;
       } else {
-        load_tile(base + KT, stage ^ 1);
+        load_tile(base + KP, stage ^ 1);
       }
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
-    if (!PAGED) put_new_key<T, HD, KT, L>(sk_buf + stage * KT * ROW, base, end, cached, snew);
+    if (!PAGED) put_new_key<T, HD, KP, L, GPB>(sk_buf + stage * KT * ROW, base, end, cached, snew);
     __syncthreads();
     // The warp's KPW keys of this stage, one online-softmax step (one rescale) for all of them.
     constexpr int NC = KPW / 16;  // 16-key chunks
-    const int off = kw * KPW;     // the warp's first key within the stage
-    const int kb0 = base + off;   // its position
+    const int off = kw * KPW;     // the warp's first key (row) within the stage
+    const int kb0 = base + (GPB == 1 ? off : kw % WPG * KPW);  // its position
     if (kb0 < end && kb0 <= wlim) {  // warp-uniform: otherwise every key is masked
       // The key and value rows each lane addresses below are all == lane (mod 8).
       const int sw = FRAG ? 0 : lane_swizzle();
@@ -1096,9 +1135,12 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   for (int h = 0; h < 2; ++h) {
     const int r = kw * ROWS + mw * 16 + gq + 8 * h;
     if (mw * 16 + gq + 8 * h >= pairs) continue;
+    // Several heads per block: rows of another head's queries saw this warp's keys too (their
+    // scores are finite); they leave the merge with nothing (maximum -inf, sum 0).
+    const bool mine = GPB == 1 || (gq + 8 * h) / (pairs / GPB) == kw / WPG;
     if (tq == 0) {
-      mm[r] = m[h];
-      ll[r] = l[h];
+      mm[r] = mine ? m[h] : -INFINITY;
+      ll[r] = mine ? l[h] : 0.f;
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
@@ -1112,12 +1154,17 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 // The tensor-core kernel: the block's pairs decide how its warps split rows and keys. With
 // MAXROWS = 16 (launches whose blocks all hold at most 16 pairs: decode) only the one-row-tile
 // body is compiled, which needs fewer registers, so more blocks stay resident.
-template <typename T, int HD, bool PAGED, int MAXROWS>
+// GPB > 1 (static decode, MAXROWS = 16): each block serves GPB neighbouring key/value heads
+// (z's group index counts blocks of GPB heads; the host launches one head chunk and checks that
+// GPB x group <= 16).
+template <typename T, int HD, bool PAGED, int MAXROWS, int GPB = 1>
 __device__ void attend_mma(const Params& p) {
+  static_assert(GPB == 1 || (MAXROWS == 16 && !PAGED), "several heads per block: static decode only");
   int row, tile, z;
   block_tile<PAGED>(p, row, tile, z);
   int g, chunk, split;
   split_z(p, z, g, chunk, split);
+  g *= GPB;
   int q0, lq, kv_total;
   if (PAGED) {
     const int* cu = reinterpret_cast<const int*>(p.cu_q);
@@ -1134,11 +1181,11 @@ __device__ void attend_mma(const Params& p) {
   if (t0 >= lq) return;
   const int ntok = min(p.tokens_per_tile, lq - t0);
   const int h0 = g * p.group + chunk * p.heads_per_chunk;
-  const int nh = min(p.heads_per_chunk, p.group - chunk * p.heads_per_chunk);
+  const int nh = GPB * min(p.heads_per_chunk, p.group - chunk * p.heads_per_chunk);
   const int pairs = ntok * nh;
   const bool owner = chunk == 0 && split == 0;
   if (MAXROWS == 16 || pairs <= 16) {
-    attend_mma_rows<T, HD, 1, PAGED>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
+    attend_mma_rows<T, HD, 1, PAGED, GPB>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
   } else if (pairs <= 32) {
     attend_mma_rows<T, HD, 2, PAGED>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
   } else {
@@ -1281,6 +1328,12 @@ __device__ void combine(const Params& p) {
   }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_paged_##TNAME##_##HD##_mma16(Params p) {  \
     attend_mma<T, HD, true, 16>(p);                                                                        \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_static_##TNAME##_##HD##_mma16g2(Params p) {\
+    attend_mma<T, HD, false, 16, 2>(p);                                                                    \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_static_##TNAME##_##HD##_mma16g4(Params p) {\
+    attend_mma<T, HD, false, 16, 4>(p);                                                                    \
   }
 #define ATTN_COMBINE(TNAME, T, HD) \
   extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); }

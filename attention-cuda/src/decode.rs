@@ -30,6 +30,11 @@ fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
 pub struct CudaFlashDecode {
     /// Which kernel runs the step.
     pub path: KernelPath,
+    /// Key/value heads per block of the tensor-core decode build: `None` (the default) lets
+    /// each launch choose (several neighbouring heads per block where the blocks still fill
+    /// the GPU unsplit); 1, 2 or 4 force it ([`Error::Unsupported`] where the heads do not
+    /// divide by it or a block would hold more than 16 query heads).
+    pub heads_per_block: Option<i64>,
 }
 
 /// The static cache's batch rows x groups must stay below this (see `StaticTiles` in the
@@ -39,7 +44,18 @@ const MAX_POSITION_SLOTS: i64 = 1 << 21;
 impl CudaFlashDecode {
     /// With an explicit kernel path (the default is [`KernelPath::Auto`]).
     pub fn with_path(path: KernelPath) -> Self {
-        Self { path }
+        Self { path, heads_per_block: None }
+    }
+
+    /// With `n` key/value heads per block (see [`CudaFlashDecode::heads_per_block`]).
+    pub fn with_heads_per_block(self, n: i64) -> Self {
+        Self { heads_per_block: Some(n), ..self }
+    }
+}
+
+impl From<KernelPath> for CudaFlashDecode {
+    fn from(path: KernelPath) -> Self {
+        Self::with_path(path)
     }
 }
 
@@ -151,6 +167,7 @@ impl CudaFlashDecode {
             max_keys,
             capacity: max_seq,
             total_tokens: b,
+            heads_per_block: self.heads_per_block,
         };
         launch(false, self.path, kind, hd, ordinal, p, geo)?;
         Ok(out)
@@ -279,6 +296,7 @@ impl CudaPagedAttention {
             max_keys: paged.max_seqlen_k,
             capacity: paged.max_seqlen_k,
             total_tokens: t,
+            heads_per_block: None,
         };
         launch(true, self.path, kind, hd, ordinal, p, geo)?;
         Ok(out)

@@ -145,6 +145,9 @@ pub(crate) struct Geometry {
     /// launch captured into a CUDA graph is sized by, since its replays may run at any length.
     pub capacity: i64,
     pub total_tokens: i64,
+    /// Key/value heads per block the caller asks for (static decode; `None`: the launch picks,
+    /// `heads_per_block`).
+    pub heads_per_block: Option<i64>,
 }
 
 /// Whether `path` runs on the tensor cores for this launch.
@@ -219,12 +222,7 @@ struct SplitInput {
 /// fill the machine as above; `wave_split` otherwise.
 fn split_count(s: SplitInput) -> i64 {
     let (units, slots, max_splits) = (s.units.max(1), s.slots.max(1), s.max_splits.max(1));
-    let mut wanted = 2 * s.sms.max(1) * REFERENCE_STAGE_BYTES / s.stage_bytes.max(1);
-    if s.gathered {
-        wanted = wanted * 3 / 2;
-    }
-    let wanted = wanted.clamp(1, slots);
-    let enough = (wanted * 19 + 19) / 20;
+    let enough = enough_blocks(&s);
     if units < enough {
         // Of the split counts that give enough blocks in one wave, the one that loads the
         // busiest multiprocessor least: blocks per multiprocessor (rounded up) x (keys per
@@ -241,11 +239,65 @@ fn split_count(s: SplitInput) -> i64 {
         let best = (least..=most).map(cost).fold(f64::INFINITY, f64::min);
         return (least..=most).find(|&n| cost(n) <= 1.01 * best).unwrap_or(least);
     }
-    let tail = units % slots;
-    if units <= slots || units >= 4 * slots || tail == 0 || tail >= enough {
+    if fills_machine(units, slots, enough) {
         return 1;
     }
     wave_split(units, slots, s.keys, max_splits, WAVE_SPLIT_OVERHEAD_TILES * s.kt)
+}
+
+/// Blocks that keep DRAM busy in one wave (`split_count`): 5% short of two per multiprocessor
+/// of the reference stage size, proportionally more for smaller stages, half as many again
+/// for stages that gather pages; at most the slots.
+fn enough_blocks(s: &SplitInput) -> i64 {
+    let slots = s.slots.max(1);
+    let mut wanted = 2 * s.sms.max(1) * REFERENCE_STAGE_BYTES / s.stage_bytes.max(1);
+    if s.gathered {
+        wanted = wanted * 3 / 2;
+    }
+    let wanted = wanted.clamp(1, slots);
+    (wanted * 19 + 19) / 20
+}
+
+/// Whether `units` blocks, unsplit, keep the machine busy to the end: at least `enough`, and
+/// one wave, many waves (4 or more) or a last wave of at least `enough` blocks.
+fn fills_machine(units: i64, slots: i64, enough: i64) -> bool {
+    let tail = units % slots.max(1);
+    units >= enough && (units <= slots || units >= 4 * slots || tail == 0 || tail >= enough)
+}
+
+/// Key/value heads per block of the static decode build (`attn_static_*_mma16g{2,4}`): a block
+/// of GPB neighbouring heads of one batch row streams GPB x head_dim contiguous elements per
+/// position, with one prologue and one merge for all of them, so the same bytes run in fewer,
+/// longer blocks. The most heads (4, 2) whose query heads fit the block's 16 rows and whose
+/// blocks still fill the machine unsplit (`fills_machine`: more heads per block never buys a
+/// split, whose partial rows and combine grow with the splits); one otherwise. Same-run A/B on
+/// an H200 (bf16 decode, head dim 128, means of three processes; blocks of 1, 2, 4 heads):
+/// 32/8 128 x 1024 (1024, 512, 256 blocks) x1.014 and x1.015 at 2 and 4 heads, 32/32 32 x 4096
+/// (1024, 512, 256) x1.002 and x1.011, 32/32 128 x 1024 (4096, 2048, 1024) x1.004 and x0.984;
+/// launches that had to split lost 1-33% (32/8 32 x 4096: 256, 128, 64 blocks, x0.948 and
+/// x0.932).
+fn heads_per_block(
+    requested: Option<i64>,
+    decode_build: bool,
+    geo: &Geometry,
+    split: &SplitInput,
+) -> Result<i64, Error> {
+    let fits = |g: i64| decode_build && geo.hkv % g == 0 && g * geo.group <= 16;
+    match requested {
+        Some(1) => Ok(1),
+        Some(g @ (2 | 4)) if fits(g) => Ok(g),
+        Some(g) => Err(Error::Unsupported(format!(
+            "{g} key/value heads per block with {} heads of {} query heads each (1; 2 or 4 \
+             for the static cache's tensor-core decode, dividing the heads, at most 16 query \
+             heads per block)",
+            geo.hkv, geo.group
+        ))),
+        None => {
+            let enough = enough_blocks(split);
+            let good = |g: i64| fits(g) && fills_machine(split.units / g, split.slots, enough);
+            Ok([4, 2].into_iter().find(|&g| good(g)).unwrap_or(1))
+        }
+    }
 }
 
 /// Whether `blocks` of the static decode build run better two to a multiprocessor than
@@ -341,15 +393,39 @@ pub(crate) fn launch(
     let nchunks = (geo.group + heads_per_chunk - 1) / heads_per_chunk;
     let tiles = (geo.max_q + tokens_per_tile - 1) / tokens_per_tile;
     let k = kernels(device, variant)?;
-    let mut smem = smem as u32;
-    let mut attend = k.function(&variant.attend_name(paged), threads, smem)?;
+    let one_head = variant.attend_name(paged);
+    let loaded = k.function(&one_head, threads, smem as u32)?;
     // Split-KV (`split_count`), in splits of at least MIN_SPLIT_KEYS keys.
     let work_tiles = if paged {
         (geo.total_tokens + tokens_per_tile - 1) / tokens_per_tile
     } else {
         geo.n_rows * tiles
     };
-    let blocks = work_tiles.max(geo.n_rows) * geo.hkv * nchunks;
+    let units = work_tiles.max(geo.n_rows) * geo.hkv * nchunks;
+    let stage_bytes = 2 * kt * hd * elt;
+    // Key/value heads per block (`heads_per_block`: the static decode build only). A block of
+    // gpb heads holds their new keys in fp32 and kt / gpb positions of each per stage.
+    let decode_build = !paged && variant.tile == (Tile::TensorCores { rows: 16 }) && nchunks == 1;
+    let probe = SplitInput {
+        units,
+        sms: k.sm_count,
+        slots: loaded.resident * k.sm_count,
+        stage_bytes,
+        keys: geo.max_keys,
+        kt,
+        max_splits: 1,
+        gathered: false,
+    };
+    let gpb = heads_per_block(geo.heads_per_block, decode_build, &geo, &probe)?;
+    let (kt, mut smem, mut attend, attend_name) = if gpb == 1 {
+        (kt, smem as u32, loaded, one_head)
+    } else {
+        let name = format!("{one_head}g{gpb}");
+        let smem = (smem + (gpb - 1) * hd * 4) as u32;
+        (kt / gpb, smem, k.function(&name, threads, smem)?, name)
+    };
+    let hkv_blocks = geo.hkv / gpb;
+    let blocks = units / gpb;
     if !paged
         && variant.tile == (Tile::TensorCores { rows: 16 })
         && two_resident_fill_better(blocks, attend.resident, k.sm_count)
@@ -357,7 +433,7 @@ pub(crate) fn launch(
         // Shared memory padded so that two blocks fit instead of three (never below what the
         // build needs: three resident blocks already imply it is under a third of the limit).
         let padded = ((k.smem_optin + 1024) / 3 + 128).max(smem);
-        let two = k.function(&variant.attend_name(paged), threads, padded)?;
+        let two = k.function(&attend_name, threads, padded)?;
         if two.resident == 2 {
             (attend, smem) = (two, padded);
         }
@@ -377,7 +453,7 @@ pub(crate) fn launch(
         units: blocks,
         sms: k.sm_count,
         slots,
-        stage_bytes: 2 * kt * hd * elt,
+        stage_bytes,
         keys,
         kt,
         max_splits,
@@ -413,7 +489,7 @@ pub(crate) fn launch(
     } else {
         (None, None)
     };
-    let z = geo.hkv * nchunks * nsplit;
+    let z = hkv_blocks * nchunks * nsplit;
     // The paged kernels enumerate every request's token tiles along x (`block_tile`): row r's
     // start at (cu_q[r] + r (T - 1)) / T, the end of the last row at the same for r = n_rows.
     let (gx, gy) = if paged {
@@ -500,6 +576,54 @@ mod tests {
             assert!(!two(blocks, 3, 132), "{blocks} blocks");
         }
         assert!(!two(448, 2, 132), "already two");
+    }
+
+    #[test]
+    fn blocks_take_several_heads_only_where_they_still_fill_the_gpu() {
+        use super::{Geometry, heads_per_block};
+        // 132 multiprocessors, 3 blocks each; one block per (row, head) before grouping.
+        let pick = |rows: i64, hkv: i64, group: i64, requested: Option<i64>, decode: bool| {
+            let geo = Geometry {
+                n_rows: rows,
+                max_q: 1,
+                hkv,
+                group,
+                max_keys: 1024,
+                capacity: 1024,
+                total_tokens: rows,
+                heads_per_block: requested,
+            };
+            let split = SplitInput {
+                units: rows * hkv,
+                sms: 132,
+                slots: 396,
+                stage_bytes: super::REFERENCE_STAGE_BYTES,
+                keys: 1024,
+                kt: 64,
+                max_splits: 1,
+                gathered: false,
+            };
+            heads_per_block(requested, decode, &geo, &split).ok()
+        };
+        // 1024 blocks (2.6 waves) become 256 of 4 heads (one wave, about two per multiprocessor).
+        assert_eq!(pick(128, 8, 4, None, true), Some(4));
+        assert_eq!(pick(32, 32, 1, None, true), Some(4));
+        // 4096 blocks: 4 heads would leave 1024 (a thin last wave), 2 leave 2048 (5.2 waves).
+        assert_eq!(pick(128, 32, 1, None, true), Some(2));
+        // Grouping would make a launch split: one head.
+        assert_eq!(pick(32, 8, 4, None, true), Some(1));
+        assert_eq!(pick(8, 8, 4, None, true), Some(1));
+        // 8 query heads per group: 2 heads per block at most (16 rows).
+        assert_eq!(pick(512, 8, 8, None, true), Some(2));
+        // Not the static decode build: one head.
+        assert_eq!(pick(128, 8, 4, None, false), Some(1));
+        // Forced: what fits, an error otherwise.
+        assert_eq!(pick(1, 8, 4, Some(4), true), Some(4));
+        assert_eq!(pick(1, 8, 4, Some(1), false), Some(1));
+        assert_eq!(pick(1, 2, 4, Some(4), true), None, "4 heads of 2");
+        assert_eq!(pick(1, 8, 8, Some(4), true), None, "32 query heads in 16 rows");
+        assert_eq!(pick(1, 8, 4, Some(2), false), None, "not the decode build");
+        assert_eq!(pick(1, 8, 4, Some(3), true), None, "3 heads");
     }
 
     #[test]

@@ -41,6 +41,10 @@ fn check(arch: &'static str, v: Variant, ptxas: &Path, dir: &Path) -> Result<()>
         if let Tile::TensorCores { .. } = v.tile {
             let decode = Variant { tile: Tile::TensorCores { rows: 16 }, ..v };
             names.push(decode.attend_name(paged));
+            // Blocks of 2 and 4 key/value heads (static decode).
+            if !paged {
+                names.extend([2, 4].map(|g| format!("{}g{g}", decode.attend_name(false))));
+            }
         }
     }
     for name in names {

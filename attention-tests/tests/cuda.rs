@@ -109,7 +109,7 @@ fn flash_decode_case(
     label: &str,
     toml: &str,
     kind: Kind,
-    path: KernelPath,
+    decode: impl Into<CudaFlashDecode>,
     (b, b0, p, d): (i64, i64, i64, i64),
     tol: f64,
 ) -> Result<()> {
@@ -121,7 +121,7 @@ fn flash_decode_case(
     let rope = stack.rope(max);
     let mut plain = StaticInferenceContext::new(b0 + b, max)?;
     let mut fused = StaticInferenceContext::new(b0 + b, max)?;
-    fused.set_flash_decode(Box::new(CudaFlashDecode::with_path(path)));
+    fused.set_flash_decode(Box::new(decode.into()));
     for ctx in [&mut plain, &mut fused] {
         ctx.batch_size_offset = b0;
         let _ = tch::no_grad(|| stack.step(&x.narrow(0, 0, p), ctx, rope.as_ref()))?;
@@ -150,52 +150,70 @@ fn flash_decode_case(
 
 #[test]
 fn flash_decode_equals_the_static_path() -> Result<()> {
+    let rope = "position_embedding_type = \"rope\"";
+    // (name, query heads, groups, head dim, extra config)
     let cases = [
-        ("mha", config(8, 8, 64, "")),
-        ("gqa", config(8, 2, 128, "")),
-        ("mqa_qknorm", config(8, 1, 64, "qk_layernorm = true\nnormalization = \"RMSNorm\"")),
-        ("rope", config(8, 2, 128, "position_embedding_type = \"rope\"")),
+        ("mha", 8, 8, 64, ""),
+        ("gqa", 8, 2, 128, ""),
+        ("mqa_qknorm", 8, 1, 64, "qk_layernorm = true\nnormalization = \"RMSNorm\""),
+        ("rope", 8, 2, 128, rope),
         (
             "rope_interleaved_partial",
-            config(
-                4,
-                2,
-                64,
-                "position_embedding_type = \"rope\"\nrotary_interleaved = true\nrotary_percent = 0.5",
-            ),
+            4,
+            2,
+            64,
+            "position_embedding_type = \"rope\"\nrotary_interleaved = true\nrotary_percent = 0.5",
         ),
         // Partial rotate-half: 32 rotated pairs (chunks rotated in registers by the decode
         // build), then 12 (not a whole chunk: through shared memory).
-        (
-            "rope_partial",
-            config(8, 2, 128, "position_embedding_type = \"rope\"\nrotary_percent = 0.5"),
-        ),
+        ("rope_partial", 8, 2, 128, "position_embedding_type = \"rope\"\nrotary_percent = 0.5"),
         (
             "rope_partial_uneven",
-            config(8, 2, 64, "position_embedding_type = \"rope\"\nrotary_percent = 0.375"),
+            8,
+            2,
+            64,
+            "position_embedding_type = \"rope\"\nrotary_percent = 0.375",
         ),
-        ("hd32_gqa16", config(16, 1, 32, "position_embedding_type = \"rope\"")),
-        ("hd256", config(4, 2, 256, "position_embedding_type = \"rope\"")),
+        ("hd32_gqa16", 16, 1, 32, rope),
+        ("mha_rope", 8, 8, 128, rope),
+        ("gqa4_rope", 16, 4, 128, rope),
+        ("hd256", 4, 2, 256, rope),
     ];
     let shape = (3, 1, 37, 6);
-    for (name, toml) in &cases {
+    for &(name, heads, groups, hn, extra) in &cases {
+        let toml = &config(heads, groups, hn, extra);
         let cores = KernelPath::CudaCores;
         flash_decode_case(&format!("{name} f32"), toml, Kind::Float, cores, shape, 1e-5)?;
         flash_decode_case(&format!("{name} bf16"), toml, Kind::BFloat16, cores, shape, 3e-2)?;
-        if *name != "hd256" {
-            let tensor = KernelPath::TensorCores;
-            for (kind, label) in [(Kind::BFloat16, "bf16"), (Kind::Half, "f16")] {
-                let label = format!("{name} {label} tensor cores");
-                flash_decode_case(&label, toml, kind, tensor, shape, 3e-2)?;
+        if hn == 256 {
+            continue;
+        }
+        let tensor = CudaFlashDecode::with_path(KernelPath::TensorCores);
+        for (kind, label) in [(Kind::BFloat16, "bf16"), (Kind::Half, "f16")] {
+            let label = format!("{name} {label} tensor cores");
+            flash_decode_case(&label, toml, kind, tensor, shape, 3e-2)?;
+            // Blocks of several neighbouring key/value heads, wherever they fit.
+            for n in [2, 4] {
+                if groups % n == 0 && n * (heads / groups) <= 16 {
+                    let label = format!("{label}, {n} heads per block");
+                    let forced = tensor.with_heads_per_block(n);
+                    flash_decode_case(&label, toml, kind, forced, shape, 3e-2)?;
+                }
             }
         }
     }
     // A long context: several splits and their combine.
-    let long = config(8, 2, 128, "position_embedding_type = \"rope\"");
+    let long = config(8, 2, 128, rope);
     let shape = (2, 0, 4100, 3);
     flash_decode_case("long context", &long, Kind::Float, KernelPath::Auto, shape, 1e-5)?;
-    let tensor = KernelPath::TensorCores;
+    let tensor = CudaFlashDecode::with_path(KernelPath::TensorCores);
     flash_decode_case("long context bf16 tc", &long, Kind::BFloat16, tensor, shape, 3e-2)?;
+    let long4 = config(16, 4, 128, rope);
+    for n in [1, 2, 4] {
+        let label = format!("long context bf16 tc, {n} heads per block");
+        let forced = tensor.with_heads_per_block(n);
+        flash_decode_case(&label, &long4, Kind::BFloat16, forced, shape, 3e-2)?;
+    }
     Ok(())
 }
 
@@ -239,6 +257,30 @@ fn kernels_refuse_unsupported_input() -> Result<()> {
     match err.downcast::<ForwardError>() {
         Ok(ForwardError::Unsupported { what, .. }) if what.contains("tensor-core") => {}
         other => bail!("unexpected {other:?}"),
+    }
+    // Four key/value heads per block where there are two, and two on the CUDA cores.
+    let stack = Stack::new(&config(4, 2, 64, ""), Kind::BFloat16)?;
+    let x = Tensor::randn([2, 1, 256], (Kind::BFloat16, GPU));
+    let tensor = CudaFlashDecode::with_path(KernelPath::TensorCores);
+    for (decode, what) in [
+        (tensor.with_heads_per_block(4), "4 key/value heads per block"),
+        (tensor.with_heads_per_block(3), "3 key/value heads per block"),
+        (
+            CudaFlashDecode::with_path(KernelPath::CudaCores).with_heads_per_block(2),
+            "2 key/value heads per block",
+        ),
+    ] {
+        let mut ctx = StaticInferenceContext::new(1, 8)?;
+        ctx.set_flash_decode(Box::new(decode));
+        let _ = tch::no_grad(|| stack.step(&x, &mut ctx, None))?;
+        ctx.advance(2)?;
+        let err = tch::no_grad(|| stack.step(&x.narrow(0, 0, 1), &mut ctx, None))
+            .err()
+            .with_context(|| format!("{what} must be refused"))?;
+        match err.downcast::<ForwardError>() {
+            Ok(ForwardError::Unsupported { what: w, .. }) if w.contains(what) => {}
+            other => bail!("{what}: unexpected {other:?}"),
+        }
     }
     // A static cache of 2^21 batch rows x groups per position (512 MiB each cache, never
     // written): the decode build's 32-bit row step would overflow.

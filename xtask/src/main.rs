@@ -152,13 +152,15 @@ fn ci() -> Result<(), String> {
         }
     }
     run(cargo(&root).args(["test", "--workspace"]))?;
-    // Every CUDA kernel variant compiles to PTX for sm_90 with the wheel's NVRTC (no GPU).
+    // Every CUDA kernel variant compiles to PTX for sm_90 with the wheel's NVRTC, and the
+    // launch geometry's unit tests (split-KV, heads per block) run (no GPU).
     run(cargo(&root).args([
         "test",
         "--package",
         "attention-cuda",
         "--features",
         "cuda",
+        "--lib",
         "--test",
         "ptx",
     ]))
