@@ -175,6 +175,8 @@ fn flash_decode_equals_the_static_path() -> Result<()> {
             "position_embedding_type = \"rope\"\nrotary_percent = 0.375",
         ),
         ("hd32_gqa16", 16, 1, 32, rope),
+        ("hd32_gqa", 8, 2, 32, rope),
+        ("hd32_mha", 8, 8, 32, rope),
         ("mha_rope", 8, 8, 128, rope),
         ("gqa4_rope", 16, 4, 128, rope),
         ("hd256", 4, 2, 256, rope),
