@@ -17,8 +17,10 @@
 //! * paged prefill: a whole prompt through `paged-attention-cuda` (each kernel path) against
 //!   SDPA on contiguous memory, causal.
 //!
-//! Time: each case runs `iters` times between device synchronisations, repeated `reps` times;
-//! the median repeat is reported. The JSON also records the GPU and driver, the UTC date, and
+//! Time: each function of a case (ours and its baselines) runs `iters` times between device
+//! synchronisations, repeated `reps` times in rounds that take every function of the case in
+//! turn (so clock and thermal drift during the case fall on all of them alike); the median
+//! repeat is reported. The JSON also records the GPU and driver, the UTC date, and
 //! the commit HEAD named when the binary was built (uncommitted changes are not recorded).
 
 use std::path::PathBuf;
@@ -77,28 +79,50 @@ mod imp {
         }
     }
 
-    /// Median seconds per call over `reps` repeats of `iters` calls.
+    /// A function to time: calls per repeat, and the call.
+    type Timed<'a> = (usize, Box<dyn FnMut() -> Result<()> + 'a>);
+
+    /// A [`Timed`] from its calls per repeat and a closure.
+    fn timed<'a>(iters: usize, f: impl FnMut() -> Result<()> + 'a) -> Timed<'a> {
+        (iters, Box::new(f))
+    }
+
+    /// Median seconds per call of each function over `reps` rounds; a round times every
+    /// function in turn, `iters` calls between device synchronisations.
+    fn time_each(device: Device, reps: usize, fs: &mut [Timed<'_>]) -> Result<Vec<f64>> {
+        for (_, f) in fs.iter_mut() {
+            for _ in 0..2 {
+                f()?;
+            }
+        }
+        sync(device);
+        let mut t = vec![Vec::with_capacity(reps); fs.len()];
+        for _ in 0..reps {
+            for ((iters, f), t) in fs.iter_mut().zip(t.iter_mut()) {
+                let s = Instant::now();
+                for _ in 0..*iters {
+                    f()?;
+                }
+                sync(device);
+                t.push(s.elapsed().as_secs_f64() / *iters as f64);
+            }
+        }
+        Ok(t.into_iter()
+            .map(|mut t| {
+                t.sort_by(f64::total_cmp);
+                t[t.len() / 2]
+            })
+            .collect())
+    }
+
+    /// Median seconds per call of one function over `reps` repeats of `iters` calls.
     fn time(
         device: Device,
         reps: usize,
         iters: usize,
-        mut f: impl FnMut() -> Result<()>,
+        f: impl FnMut() -> Result<()>,
     ) -> Result<f64> {
-        for _ in 0..2 {
-            f()?;
-        }
-        sync(device);
-        let mut t = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let s = Instant::now();
-            for _ in 0..iters {
-                f()?;
-            }
-            sync(device);
-            t.push(s.elapsed().as_secs_f64() / iters as f64);
-        }
-        t.sort_by(f64::total_cmp);
-        Ok(t[t.len() / 2])
+        Ok(time_each(device, reps, &mut [timed(iters, f)])?[0])
     }
 
     struct Report {
@@ -238,17 +262,6 @@ mod imp {
                         || bf16(&[b, s, h, hd], device).transpose(1, 2).set_requires_grad(true);
                     let (q, k, v) = (mk(), mk(), mk());
                     let g = bf16(&[b, h, s, hd], device);
-                    let base = time(device, reps, 10, || {
-                        let _ = run_sdpa(&q, &k, &v, causal, false);
-                        Ok(())
-                    })?;
-                    let base_fb = tch::with_grad(|| {
-                        time(device, reps, 5, || {
-                            let o = run_sdpa(&q, &k, &v, causal, false);
-                            (o * &g).sum(Kind::Float).backward();
-                            Ok(())
-                        })
-                    })?;
                     // Ours: the sdpa-cuda core attention on Megatron's [s, b, h, d].
                     let attn = core("sdpa-cuda", h, h, hd, causal)?;
                     let mk2 = || bf16(&[s, b, h, hd], device).set_requires_grad(true);
@@ -256,16 +269,38 @@ mod imp {
                     let g2 = bf16(&[s, b, h * hd], device);
                     let mask = if causal { AttnMaskType::Causal } else { AttnMaskType::NoMask };
                     let input = CoreAttentionInput::new(&q2, &k2, &v2, mask);
-                    let ours = time(device, reps, 10, || {
-                        let _ = attn.forward(&input)?;
-                        Ok(())
+                    let fwd = time_each(
+                        device,
+                        reps,
+                        &mut [
+                            timed(10, || {
+                                let _ = run_sdpa(&q, &k, &v, causal, false);
+                                Ok(())
+                            }),
+                            timed(10, || {
+                                let _ = attn.forward(&input)?;
+                                Ok(())
+                            }),
+                        ],
+                    )?;
+                    let fb = tch::with_grad(|| {
+                        time_each(
+                            device,
+                            reps,
+                            &mut [
+                                timed(5, || {
+                                    let o = run_sdpa(&q, &k, &v, causal, false);
+                                    (o * &g).sum(Kind::Float).backward();
+                                    Ok(())
+                                }),
+                                timed(5, || {
+                                    (attn.forward(&input)? * &g2).sum(Kind::Float).backward();
+                                    Ok(())
+                                }),
+                            ],
+                        )
                     })?;
-                    let ours_fb = tch::with_grad(|| {
-                        time(device, reps, 5, || {
-                            (attn.forward(&input)? * &g2).sum(Kind::Float).backward();
-                            Ok(())
-                        })
-                    })?;
+                    let (base, ours, base_fb, ours_fb) = (fwd[0], fwd[1], fb[0], fb[1]);
                     let backend = attn.backend().unwrap_or_default();
                     let case = format!(
                         "hd{hd} {} s{s} b{b} [{backend}]",
@@ -303,20 +338,28 @@ mod imp {
         (2 * b * l * hkv * hd * 2 + 2 * b * hq * hd * 2 + 2 * b * hkv * hd * 2) as f64
     }
 
-    /// Seconds per SDPA decode step on contiguous `[B, L, Hkv, D]` memory (no rotary, no
-    /// append), bf16.
-    fn sdpa_decode(
-        device: Device,
-        reps: usize,
-        (b, l, hq, hkv, hd): (i64, i64, i64, i64, i64),
-    ) -> Result<f64> {
-        let kb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
-        let vb = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
-        let qb = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
-        time(device, reps, 20, || {
-            let _ = run_sdpa(&qb, &kb, &vb, false, hq != hkv);
+    /// SDPA decode on contiguous `[B, L, Hkv, D]` memory (no rotary, no append), bf16: its
+    /// query, keys and values viewed `[B, H, L, D]`.
+    struct SdpaDecode {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        gqa: bool,
+    }
+
+    impl SdpaDecode {
+        fn new(device: Device, (b, l, hq, hkv, hd): (i64, i64, i64, i64, i64)) -> Self {
+            let k = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
+            let v = bf16(&[b, l, hkv, hd], device).transpose(1, 2);
+            let q = bf16(&[b, 1, hq, hd], device).transpose(1, 2);
+            Self { q, k, v, gqa: hq != hkv }
+        }
+
+        /// One step.
+        fn run(&self) -> Result<()> {
+            let _ = run_sdpa(&self.q, &self.k, &self.v, false, self.gqa);
             Ok(())
-        })
+        }
     }
 
     const DECODE_SHAPES: [(i64, i64); 4] = [(1, 131072), (8, 16384), (32, 4096), (128, 1024)];
@@ -348,38 +391,48 @@ mod imp {
                 };
                 let bytes = decode_bytes(b, l, hq, hkv, hd);
                 let run = |path| {
-                    time(device, reps, 20, || {
-                        let _ = CudaFlashDecode::with_path(path).run(&step)?;
+                    let step = &step;
+                    timed(20, move || {
+                        let _ = CudaFlashDecode::with_path(path).run(step)?;
                         Ok(())
                     })
                 };
-                let ours = run(KernelPath::Auto)?;
-                let cuda_cores = run(KernelPath::CudaCores)?;
-                let tensor_cores = run(KernelPath::TensorCores)?;
-                let sdpa = sdpa_decode(device, reps, (b, l, hq, hkv, hd))?;
+                let sdpa = SdpaDecode::new(device, (b, l, hq, hkv, hd));
                 // SDPA decode on the cache's [L, B, Hkv, D] memory viewed [B, Hkv, L, D] (no
                 // rotary, no append): the same bytes in the same layout as the kernel's.
                 let [qv, kv, vv] = [&q, &kc, &vc].map(|t| t.permute([1, 2, 0, 3]));
-                let sdpa_cache = time(device, reps, 20, || {
-                    let _ = run_sdpa(&qv, &kv, &vv, false, hq != hkv);
-                    Ok(())
-                })?;
                 // The same step with libtorch ops: rotary, index copy into the cache, SDPA.
                 let emb = Tensor::cat(&[&freqs, &freqs], -1).view([l, 1, 1, hd]);
                 let pos = Tensor::full([1], l - 1, (Kind::Int64, device));
                 let mut kc2 = kc.shallow_clone();
                 let mut vc2 = vc.shallow_clone();
-                let ops = time(device, reps, 20, || {
-                    let e = emb.index_select(0, &pos);
-                    let qr = apply_rotary_pos_emb(&q, &e, false)?;
-                    let kr = apply_rotary_pos_emb(&k, &e, false)?;
-                    let _ = kc2.index_copy_(0, &pos, &kr);
-                    let _ = vc2.index_copy_(0, &pos, &v);
-                    // [L, B, Hkv, D] -> [B, Hkv, L, D]
-                    let [qp, kp, vp] = [&qr, &kc2, &vc2].map(|t| t.permute([1, 2, 0, 3]));
-                    let _ = run_sdpa(&qp, &kp, &vp, false, hq != hkv);
-                    Ok(())
-                })?;
+                let t = time_each(
+                    device,
+                    reps,
+                    &mut [
+                        run(KernelPath::Auto),
+                        run(KernelPath::CudaCores),
+                        run(KernelPath::TensorCores),
+                        timed(20, || sdpa.run()),
+                        timed(20, || {
+                            let _ = run_sdpa(&qv, &kv, &vv, false, hq != hkv);
+                            Ok(())
+                        }),
+                        timed(20, || {
+                            let e = emb.index_select(0, &pos);
+                            let qr = apply_rotary_pos_emb(&q, &e, false)?;
+                            let kr = apply_rotary_pos_emb(&k, &e, false)?;
+                            let _ = kc2.index_copy_(0, &pos, &kr);
+                            let _ = vc2.index_copy_(0, &pos, &v);
+                            // [L, B, Hkv, D] -> [B, Hkv, L, D]
+                            let [qp, kp, vp] = [&qr, &kc2, &vc2].map(|t| t.permute([1, 2, 0, 3]));
+                            let _ = run_sdpa(&qp, &kp, &vp, false, hq != hkv);
+                            Ok(())
+                        }),
+                    ],
+                )?;
+                let (ours, cuda_cores, tensor_cores, sdpa, sdpa_cache, ops) =
+                    (t[0], t[1], t[2], t[3], t[4], t[5]);
                 let gbs = |t: f64| bytes / t / 1e9;
                 report.add(
                     "decode",
@@ -437,8 +490,6 @@ mod imp {
                 let _ = CudaFlashDecode::default().run(&step)?;
                 Ok(())
             };
-            let bounded = time(device, reps, 20, || step(&offsets, Some(l - 1)))?;
-            let by_length = time(device, reps, 20, || step(&offsets, None))?;
             // The step captured in a CUDA graph (split-KV sized by the cache's length, each
             // split at least the bound's share), replayed at this context: captured here, and
             // captured at an eighth of it (a generation's graph replayed as it grows).
@@ -446,15 +497,26 @@ mod imp {
                 Device::Cuda(i) => i,
                 _ => bail!("not a CUDA device"),
             };
-            let mut graph_at = |from: i64| -> Result<f64> {
+            let mut graph_at = |from: i64| -> Result<CudaGraph> {
                 let _ = offsets.fill_(from - 1);
                 let (graph, ()) = CudaGraph::capture(ordinal, || step(&offsets, Some(from - 1)))?;
                 let _ = offsets.fill_(l - 1);
-                time(device, reps, 20, || Ok(graph.replay()?))
+                Ok(graph)
             };
-            let graph = graph_at(l)?;
-            let graph_grown = graph_at(l / 8)?;
-            let sdpa = sdpa_decode(device, reps, (b, l, hq, hkv, hd))?;
+            let (graph, graph_grown) = (graph_at(l)?, graph_at(l / 8)?);
+            let sdpa = SdpaDecode::new(device, (b, l, hq, hkv, hd));
+            let t = time_each(
+                device,
+                reps,
+                &mut [
+                    timed(20, || step(&offsets, Some(l - 1))),
+                    timed(20, || step(&offsets, None)),
+                    timed(20, || Ok(graph.replay()?)),
+                    timed(20, || Ok(graph_grown.replay()?)),
+                    timed(20, || sdpa.run()),
+                ],
+            )?;
+            let (bounded, by_length, graph, graph_grown, sdpa) = (t[0], t[1], t[2], t[3], t[4]);
             let bytes = decode_bytes(b, l, hq, hkv, hd);
             let gbs = |t: f64| bytes / t / 1e9;
             report.add(
@@ -538,34 +600,42 @@ mod imp {
                     let bytes = (2 * b * l * hkv * hd * 2
                         + 2 * b * hq * hd * 2
                         + 4 * m.table.numel() as i64) as f64;
+                    let (input, pk) = (&input, &pk);
                     let run = |path| {
                         let kernel = kernel.with_path(path);
-                        time(device, reps, 20, || {
-                            let _ = kernel.run(&input, &pk)?;
+                        timed(20, move || {
+                            let _ = kernel.run(input, pk)?;
                             Ok(())
                         })
                     };
-                    let ours = run(KernelPath::Auto)?;
-                    let cuda_cores = run(KernelPath::CudaCores)?;
-                    let tensor_cores = run(KernelPath::TensorCores)?;
                     // Baseline: gather the pages, then SDPA.
                     let per = m.table.size()[1];
                     let idx = m.table.to_kind(Kind::Int64).view([-1]);
                     let qb = q.view([b, 1, hq, hd]).transpose(1, 2);
-                    let base = time(device, reps, 10, || {
-                        let kg =
-                            m.kc.index_select(0, &idx)
-                                .view([b, per * bs, hkv, hd])
-                                .narrow(1, 0, l)
-                                .transpose(1, 2);
-                        let vg =
-                            m.vc.index_select(0, &idx)
-                                .view([b, per * bs, hkv, hd])
-                                .narrow(1, 0, l)
-                                .transpose(1, 2);
-                        let _ = run_sdpa(&qb, &kg, &vg, false, hq != hkv);
-                        Ok(())
-                    })?;
+                    let t = time_each(
+                        device,
+                        reps,
+                        &mut [
+                            run(KernelPath::Auto),
+                            run(KernelPath::CudaCores),
+                            run(KernelPath::TensorCores),
+                            timed(10, || {
+                                let kg =
+                                    m.kc.index_select(0, &idx)
+                                        .view([b, per * bs, hkv, hd])
+                                        .narrow(1, 0, l)
+                                        .transpose(1, 2);
+                                let vg =
+                                    m.vc.index_select(0, &idx)
+                                        .view([b, per * bs, hkv, hd])
+                                        .narrow(1, 0, l)
+                                        .transpose(1, 2);
+                                let _ = run_sdpa(&qb, &kg, &vg, false, hq != hkv);
+                                Ok(())
+                            }),
+                        ],
+                    )?;
+                    let (ours, cuda_cores, tensor_cores, base) = (t[0], t[1], t[2], t[3]);
                     let gbs = |t: f64| bytes / t / 1e9;
                     report.add(
                         "paged",
@@ -632,25 +702,32 @@ mod imp {
             let _ = kernel.run(&input, &pk)?;
             Ok(())
         };
-        let both = time(device, reps, 5, || run(&q, &k, &v, &cu_q, &kv_len, &m.table, lp))?;
         let dec_cu = cu_q.narrow(0, 0, nd + 1);
         let dec = (q.narrow(0, 0, nd), k.narrow(0, 0, nd), v.narrow(0, 0, nd));
         let pre_cu = Tensor::from_slice(&[0i32, lp as i32]).to_device(device);
         let pre = (q.narrow(0, nd, lp), k.narrow(0, nd, lp), v.narrow(0, nd, lp));
         let pre_len = kv_len.narrow(0, nd, 1);
         let pre_table = m.table.narrow(0, nd, 1);
-        let separate = time(device, reps, 5, || {
-            run(
-                &dec.0,
-                &dec.1,
-                &dec.2,
-                &dec_cu,
-                &kv_len.narrow(0, 0, nd),
-                &m.table.narrow(0, 0, nd),
-                1,
-            )?;
-            run(&pre.0, &pre.1, &pre.2, &pre_cu, &pre_len, &pre_table, lp)
-        })?;
+        let t = time_each(
+            device,
+            reps,
+            &mut [
+                timed(5, || run(&q, &k, &v, &cu_q, &kv_len, &m.table, lp)),
+                timed(5, || {
+                    run(
+                        &dec.0,
+                        &dec.1,
+                        &dec.2,
+                        &dec_cu,
+                        &kv_len.narrow(0, 0, nd),
+                        &m.table.narrow(0, 0, nd),
+                        1,
+                    )?;
+                    run(&pre.0, &pre.1, &pre.2, &pre_cu, &pre_len, &pre_table, lp)
+                }),
+            ],
+        )?;
+        let (both, separate) = (t[0], t[1]);
         report.add(
             "mixed",
             format!("{nd} decode x{ld} + prefill {lp} on {}", ld - lp),
@@ -679,21 +756,31 @@ mod imp {
                 max_seqlen_q: s,
                 max_seqlen_k: s,
             };
-            let mut per_path = Vec::new();
-            for path in [KernelPath::Auto, KernelPath::CudaCores, KernelPath::TensorCores] {
-                let kernel = kernel.with_path(path);
-                per_path.push(time(device, reps, 5, || {
-                    let _ = kernel.run(&input, &pk)?;
-                    Ok(())
-                })?);
-            }
             let (qb, kb, vb) =
                 (q.view([1, s, hq, hd]), k.view([1, s, hkv, hd]), v.view([1, s, hkv, hd]));
             let (qb, kb, vb) = (qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2));
-            let sdpa = time(device, reps, 5, || {
-                let _ = run_sdpa(&qb, &kb, &vb, true, true);
-                Ok(())
-            })?;
+            let (input, pk) = (&input, &pk);
+            let path = |path| {
+                let kernel = kernel.with_path(path);
+                timed(5, move || {
+                    let _ = kernel.run(input, pk)?;
+                    Ok(())
+                })
+            };
+            let t = time_each(
+                device,
+                reps,
+                &mut [
+                    path(KernelPath::Auto),
+                    path(KernelPath::CudaCores),
+                    path(KernelPath::TensorCores),
+                    timed(5, || {
+                        let _ = run_sdpa(&qb, &kb, &vb, true, true);
+                        Ok(())
+                    }),
+                ],
+            )?;
+            let (per_path, sdpa) = (&t[..3], t[3]);
             let tf = |t: f64| flops / t / 1e12;
             report.add(
                 "prefill",
