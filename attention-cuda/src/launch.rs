@@ -274,8 +274,9 @@ fn fills_machine(units: i64, slots: i64, enough: i64) -> bool {
 /// an H200 (bf16 decode, head dim 128, means of three processes; blocks of 1, 2, 4 heads):
 /// 32/8 128 x 1024 (1024, 512, 256 blocks) x1.014 and x1.015 at 2 and 4 heads, 32/32 32 x 4096
 /// (1024, 512, 256) x1.002 and x1.011, 32/32 128 x 1024 (4096, 2048, 1024) x1.004 and x0.984;
-/// launches that had to split lost 1-33% (32/8 32 x 4096: 256, 128, 64 blocks, x0.948 and
-/// x0.932).
+/// launches that grouping made split, or split more, lost up to a third (32/8 32 x 4096: 256,
+/// 128, 64 blocks, x0.948 and x0.932; one 8192-key row in a 131072-key cache x0.67 at 4 heads),
+/// one (32/32 1 x 131072) stayed within noise.
 fn heads_per_block(
     requested: Option<i64>,
     decode_build: bool,
