@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Tiles: `mma16` (the one-row-tile decode build), `mma` (up to 64 rows), `p1`, `p2`, `p4`, `p8`
-//! (CUDA cores, that many pairs per block).
+//! (CUDA cores, that many pairs per block). A tensor-core variant's module holds both row builds
+//! and the static decode build's blocks of 2 and 4 key/value heads (`..._mma16g2`, `_mma16g4`).
 
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
