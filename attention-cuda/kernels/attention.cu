@@ -1135,8 +1135,9 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   for (int h = 0; h < 2; ++h) {
     const int r = kw * ROWS + mw * 16 + gq + 8 * h;
     if (mw * 16 + gq + 8 * h >= pairs) continue;
-    // Several heads per block: rows of another head's queries saw this warp's keys too (their
-    // scores are finite); they leave the merge with nothing (maximum -inf, sum 0).
+    // Several heads per block: rows of another head's queries saw this warp's keys too; they
+    // leave the merge with nothing (maximum -inf, sum 0, zero output: whatever those scores
+    // were, even infinite, nothing of them reaches the row's own result).
     const bool mine = GPB == 1 || (gq + 8 * h) / (pairs / GPB) == kw / WPG;
     if (tq == 0) {
       mm[r] = mine ? m[h] : -INFINITY;
@@ -1144,7 +1145,8 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-      *reinterpret_cast<float2*>(aa + r * AROW + n * 8 + 2 * tq) = make_float2(acc[n][2 * h], acc[n][2 * h + 1]);
+      const float2 o = mine ? make_float2(acc[n][2 * h], acc[n][2 * h + 1]) : make_float2(0.f, 0.f);
+      *reinterpret_cast<float2*>(aa + r * AROW + n * 8 + 2 * tq) = o;
     }
   }
   __syncthreads();
