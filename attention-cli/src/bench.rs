@@ -571,6 +571,27 @@ mod imp {
         }
     }
 
+    /// The paged kernel on each path (auto, CUDA cores, tensor cores), `iters` calls a repeat,
+    /// timed in rounds with `baseline`: seconds per call of the three paths, and of the baseline.
+    fn time_paged(
+        device: Device,
+        reps: usize,
+        (kernel, input, pk): (CudaPagedAttention, &CoreAttentionInput<'_>, &PagedKv<'_>),
+        iters: usize,
+        baseline: Timed<'_>,
+    ) -> Result<([f64; 3], f64)> {
+        let [auto, cores, tensor] =
+            [KernelPath::Auto, KernelPath::CudaCores, KernelPath::TensorCores].map(|path| {
+                let kernel = kernel.with_path(path);
+                timed(iters, move || {
+                    let _ = kernel.run(input, pk)?;
+                    Ok(())
+                })
+            });
+        let t = time_each(device, reps, &mut [auto, cores, tensor, baseline])?;
+        Ok(([t[0], t[1], t[2]], t[3]))
+    }
+
     fn paged(device: Device, reps: usize, copy: f64, report: &mut Report) -> Result<()> {
         let hd = 128;
         for bs in [16i64, 256] {
@@ -600,42 +621,30 @@ mod imp {
                     let bytes = (2 * b * l * hkv * hd * 2
                         + 2 * b * hq * hd * 2
                         + 4 * m.table.numel() as i64) as f64;
-                    let (input, pk) = (&input, &pk);
-                    let run = |path| {
-                        let kernel = kernel.with_path(path);
-                        timed(20, move || {
-                            let _ = kernel.run(input, pk)?;
-                            Ok(())
-                        })
-                    };
                     // Baseline: gather the pages, then SDPA.
                     let per = m.table.size()[1];
                     let idx = m.table.to_kind(Kind::Int64).view([-1]);
                     let qb = q.view([b, 1, hq, hd]).transpose(1, 2);
-                    let t = time_each(
+                    let ([ours, cuda_cores, tensor_cores], base) = time_paged(
                         device,
                         reps,
-                        &mut [
-                            run(KernelPath::Auto),
-                            run(KernelPath::CudaCores),
-                            run(KernelPath::TensorCores),
-                            timed(10, || {
-                                let kg =
-                                    m.kc.index_select(0, &idx)
-                                        .view([b, per * bs, hkv, hd])
-                                        .narrow(1, 0, l)
-                                        .transpose(1, 2);
-                                let vg =
-                                    m.vc.index_select(0, &idx)
-                                        .view([b, per * bs, hkv, hd])
-                                        .narrow(1, 0, l)
-                                        .transpose(1, 2);
-                                let _ = run_sdpa(&qb, &kg, &vg, false, hq != hkv);
-                                Ok(())
-                            }),
-                        ],
+                        (kernel, &input, &pk),
+                        20,
+                        timed(10, || {
+                            let kg =
+                                m.kc.index_select(0, &idx)
+                                    .view([b, per * bs, hkv, hd])
+                                    .narrow(1, 0, l)
+                                    .transpose(1, 2);
+                            let vg =
+                                m.vc.index_select(0, &idx)
+                                    .view([b, per * bs, hkv, hd])
+                                    .narrow(1, 0, l)
+                                    .transpose(1, 2);
+                            let _ = run_sdpa(&qb, &kg, &vg, false, hq != hkv);
+                            Ok(())
+                        }),
                     )?;
-                    let (ours, cuda_cores, tensor_cores, base) = (t[0], t[1], t[2], t[3]);
                     let gbs = |t: f64| bytes / t / 1e9;
                     report.add(
                         "paged",
@@ -759,28 +768,16 @@ mod imp {
             let (qb, kb, vb) =
                 (q.view([1, s, hq, hd]), k.view([1, s, hkv, hd]), v.view([1, s, hkv, hd]));
             let (qb, kb, vb) = (qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2));
-            let (input, pk) = (&input, &pk);
-            let path = |path| {
-                let kernel = kernel.with_path(path);
-                timed(5, move || {
-                    let _ = kernel.run(input, pk)?;
-                    Ok(())
-                })
-            };
-            let t = time_each(
+            let (per_path, sdpa) = time_paged(
                 device,
                 reps,
-                &mut [
-                    path(KernelPath::Auto),
-                    path(KernelPath::CudaCores),
-                    path(KernelPath::TensorCores),
-                    timed(5, || {
-                        let _ = run_sdpa(&qb, &kb, &vb, true, true);
-                        Ok(())
-                    }),
-                ],
+                (kernel, &input, &pk),
+                5,
+                timed(5, || {
+                    let _ = run_sdpa(&qb, &kb, &vb, true, true);
+                    Ok(())
+                }),
             )?;
-            let (per_path, sdpa) = (&t[..3], t[3]);
             let tf = |t: f64| flops / t / 1e12;
             report.add(
                 "prefill",
