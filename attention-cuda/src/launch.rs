@@ -406,7 +406,8 @@ pub(crate) fn launch(
     let stage_bytes = 2 * kt * hd * elt;
     // Key/value heads per block (`heads_per_block`: the static decode build only). A block of
     // gpb heads holds their new keys in fp32 and kt / gpb positions of each per stage.
-    let decode_build = !paged && variant.tile == (Tile::TensorCores { rows: 16 }) && nchunks == 1;
+    let static_decode = !paged && variant.tile == (Tile::TensorCores { rows: 16 });
+    let decode_build = static_decode && nchunks == 1;
     let probe = SplitInput {
         units,
         sms: k.sm_count,
@@ -427,10 +428,7 @@ pub(crate) fn launch(
     };
     let hkv_blocks = geo.hkv / gpb;
     let blocks = units / gpb;
-    if !paged
-        && variant.tile == (Tile::TensorCores { rows: 16 })
-        && two_resident_fill_better(blocks, attend.resident, k.sm_count)
-    {
+    if static_decode && two_resident_fill_better(blocks, attend.resident, k.sm_count) {
         // Shared memory padded so that two blocks fit instead of three (never below what the
         // build needs: three resident blocks already imply it is under a third of the limit).
         let padded = ((k.smem_optin + 1024) / 3 + 128).max(smem);
