@@ -390,10 +390,10 @@ mod imp {
                     softmax_scale: 1.0 / (hd as f64).sqrt(),
                 };
                 let bytes = decode_bytes(b, l, hq, hkv, hd);
-                let run = |path| {
+                let run = |kernel: CudaFlashDecode| {
                     let step = &step;
                     timed(20, move || {
-                        let _ = CudaFlashDecode::with_path(path).run(step)?;
+                        let _ = kernel.run(step)?;
                         Ok(())
                     })
                 };
@@ -410,9 +410,10 @@ mod imp {
                     device,
                     reps,
                     &mut [
-                        run(KernelPath::Auto),
-                        run(KernelPath::CudaCores),
-                        run(KernelPath::TensorCores),
+                        run(CudaFlashDecode::default()),
+                        run(KernelPath::CudaCores.into()),
+                        run(KernelPath::TensorCores.into()),
+                        run(CudaFlashDecode::default().with_programmatic_launch(false)),
                         timed(20, || sdpa.run()),
                         timed(20, || {
                             let _ = run_sdpa(&qv, &kv, &vv, false, hq != hkv);
@@ -431,8 +432,8 @@ mod imp {
                         }),
                     ],
                 )?;
-                let (ours, cuda_cores, tensor_cores, sdpa, sdpa_cache, ops) =
-                    (t[0], t[1], t[2], t[3], t[4], t[5]);
+                let (ours, cuda_cores, tensor_cores, serial, sdpa, sdpa_cache, ops) =
+                    (t[0], t[1], t[2], t[3], t[4], t[5], t[6]);
                 let gbs = |t: f64| bytes / t / 1e9;
                 report.add(
                     "decode",
@@ -445,6 +446,7 @@ mod imp {
                     &[
                         ("cuda cores", gbs(cuda_cores)),
                         ("tensor cores", gbs(tensor_cores)),
+                        ("serial launch", gbs(serial)),
                         ("sdpa contiguous", gbs(sdpa)),
                         ("sdpa on the cache", gbs(sdpa_cache)),
                         ("libtorch ops", gbs(ops)),
@@ -579,17 +581,21 @@ mod imp {
         (kernel, input, pk): (CudaPagedAttention, &CoreAttentionInput<'_>, &PagedKv<'_>),
         iters: usize,
         baseline: Timed<'_>,
-    ) -> Result<([f64; 3], f64)> {
-        let [auto, cores, tensor] =
-            [KernelPath::Auto, KernelPath::CudaCores, KernelPath::TensorCores].map(|path| {
-                let kernel = kernel.with_path(path);
-                timed(iters, move || {
-                    let _ = kernel.run(input, pk)?;
-                    Ok(())
-                })
-            });
-        let t = time_each(device, reps, &mut [auto, cores, tensor, baseline])?;
-        Ok(([t[0], t[1], t[2]], t[3]))
+    ) -> Result<([f64; 4], f64)> {
+        let kernels = [
+            kernel,
+            kernel.with_path(KernelPath::CudaCores),
+            kernel.with_path(KernelPath::TensorCores),
+            kernel.with_programmatic_launch(false),
+        ];
+        let [auto, cores, tensor, serial] = kernels.map(|kernel| {
+            timed(iters, move || {
+                let _ = kernel.run(input, pk)?;
+                Ok(())
+            })
+        });
+        let t = time_each(device, reps, &mut [auto, cores, tensor, serial, baseline])?;
+        Ok(([t[0], t[1], t[2], t[3]], t[4]))
     }
 
     fn paged(device: Device, reps: usize, copy: f64, report: &mut Report) -> Result<()> {
@@ -625,7 +631,7 @@ mod imp {
                     let per = m.table.size()[1];
                     let idx = m.table.to_kind(Kind::Int64).view([-1]);
                     let qb = q.view([b, 1, hq, hd]).transpose(1, 2);
-                    let ([ours, cuda_cores, tensor_cores], base) = time_paged(
+                    let ([ours, cuda_cores, tensor_cores, serial], base) = time_paged(
                         device,
                         reps,
                         (kernel, &input, &pk),
@@ -653,6 +659,7 @@ mod imp {
                         &[
                             ("cuda cores", gbs(cuda_cores)),
                             ("tensor cores", gbs(tensor_cores)),
+                            ("serial launch", gbs(serial)),
                             ("gather+sdpa", gbs(base)),
                         ],
                         "GB/s",
@@ -786,6 +793,7 @@ mod imp {
                 &[
                     ("cuda cores", tf(per_path[1])),
                     ("tensor cores", tf(per_path[2])),
+                    ("serial launch", tf(per_path[3])),
                     ("sdpa contiguous", tf(sdpa)),
                 ],
                 "TFLOP/s",

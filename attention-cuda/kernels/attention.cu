@@ -88,6 +88,25 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Programmatic dependent launch (sm_90+; no-ops where the launch did not ask for it). Every
+// kernel here waits for the previous kernel on the stream to complete, its writes visible,
+// before it touches global memory (`wait_for_previous_grid`), and lets the next kernel launch
+// once it is done streaming (`launch_next_grid`: the attention kernels after their key loop,
+// the combine at its start). The host launches the split combine that way, so its blocks are
+// resident as the attention kernel's last ones finish, but not the attention kernel itself:
+// blocks of a grid launched into a busy GPU are placed in whatever slots are free, unevenly,
+// and a one-wave decode launch then ran up to 24% slower (`queue` in src/launch.rs).
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // The (row, token tile, z = (group, chunk, split)) of this block. Static cache: (blockIdx.y,
 // blockIdx.x, blockIdx.z), or with p.z_fastest (blockIdx.y, blockIdx.z, blockIdx.x): then the
 // blocks of a row's groups, whose keys sit side by side in the cache's [s, b, h, d] memory,
@@ -478,6 +497,7 @@ struct Tile {
 // per-pair loops and registers fit the launch (the host picks the smallest that holds it).
 template <typename T, int HD, int PAIRS, bool PAGED>
 __device__ void attend(const Params& p) {
+  wait_for_previous_grid();
   constexpr int VEC = 16 / sizeof(T);       // elements per 16-byte vector
   constexpr int KT = Tile<T, HD>::KT;       // keys per stage
   constexpr int KPW = KT / WARPS;           // keys per warp per stage
@@ -661,6 +681,7 @@ __device__ void attend(const Params& p) {
     }
     __syncthreads();  // the next iteration refills the other stage, then this one
   }
+  launch_next_grid();
 
   // 4. Merge the warps (their maxima, sums and partial outputs via shared memory, reusing the
   //    key/value stages), then write the output (one split) or partial output and lse.
@@ -1118,6 +1139,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     }
     __syncthreads();
   }
+  launch_next_grid();
 
   // 4. Merge the key slices (rows' maxima, sums and outputs through shared memory, reusing
   //    the stages), then write the output (one split) or the partial output and lse.
@@ -1162,6 +1184,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
 template <typename T, int HD, bool PAGED, int MAXROWS, int GPB = 1>
 __device__ void attend_mma(const Params& p) {
   static_assert(GPB == 1 || (MAXROWS == 16 && !PAGED), "several heads per block: static decode only");
+  wait_for_previous_grid();
   int row, tile, z;
   block_tile<PAGED>(p, row, tile, z);
   int g, chunk, split;
@@ -1204,6 +1227,8 @@ __device__ void attend_mma(const Params& p) {
 #define COMBINE_PREFETCH 16
 template <typename T, int HD>
 __device__ void combine(const Params& p) {
+  wait_for_previous_grid();
+  launch_next_grid();
   constexpr int C4 = HD / 4;
   constexpr int RG = COMBINE_THREADS / C4;
   static_assert(RG >= 1 && COMBINE_THREADS % C4 == 0, "combine shape");

@@ -26,7 +26,7 @@ fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
 /// below a row's offset costs speed, never keys. The offsets themselves are not read back:
 /// each must be below the cache's length. The cache's batch rows x groups must stay below
 /// 2^21 ([`Error::Unsupported`] otherwise).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct CudaFlashDecode {
     /// Which kernel runs the step.
     pub path: KernelPath,
@@ -35,6 +35,18 @@ pub struct CudaFlashDecode {
     /// the GPU unsplit); 1, 2 or 4 force it ([`Error::Unsupported`] where the heads do not
     /// divide by it or a block would hold more than 16 query heads).
     pub heads_per_block: Option<i64>,
+    /// Programmatic dependent launch of the split-KV combine (on by default; compute
+    /// capability 9.0 and newer, ignored before): its blocks are scheduled while the attention
+    /// kernel's last blocks finish, and wait for it to complete before they read anything
+    /// (split launches 0.7-1.1% faster on an H200). The attention kernel itself always
+    /// launches after the previous kernel on the stream has completed.
+    pub programmatic_launch: bool,
+}
+
+impl Default for CudaFlashDecode {
+    fn default() -> Self {
+        Self { path: KernelPath::Auto, heads_per_block: None, programmatic_launch: true }
+    }
 }
 
 /// The static cache's batch rows x groups must stay below this (see `StaticTiles` in the
@@ -44,12 +56,18 @@ const MAX_POSITION_SLOTS: i64 = 1 << 21;
 impl CudaFlashDecode {
     /// With an explicit kernel path (the default is [`KernelPath::Auto`]).
     pub fn with_path(path: KernelPath) -> Self {
-        Self { path, heads_per_block: None }
+        Self { path, ..Self::default() }
     }
 
     /// With `n` key/value heads per block (see [`CudaFlashDecode::heads_per_block`]).
     pub fn with_heads_per_block(self, n: i64) -> Self {
         Self { heads_per_block: Some(n), ..self }
+    }
+
+    /// With programmatic dependent launch on or off (see
+    /// [`CudaFlashDecode::programmatic_launch`]).
+    pub fn with_programmatic_launch(self, on: bool) -> Self {
+        Self { programmatic_launch: on, ..self }
     }
 }
 
@@ -168,6 +186,7 @@ impl CudaFlashDecode {
             capacity: max_seq,
             total_tokens: b,
             heads_per_block: self.heads_per_block,
+            programmatic: self.programmatic_launch,
         };
         launch(false, self.path, kind, hd, ordinal, p, geo)?;
         Ok(out)
@@ -190,17 +209,24 @@ impl FlashDecode for CudaFlashDecode {
 pub struct CudaPagedAttention {
     scale: f64,
     path: KernelPath,
+    programmatic: bool,
 }
 
 impl CudaPagedAttention {
-    /// With a softmax scale, on [`KernelPath::Auto`].
+    /// With a softmax scale, on [`KernelPath::Auto`], with programmatic dependent launch.
     pub fn new(scale: f64) -> Self {
-        Self { scale, path: KernelPath::Auto }
+        Self { scale, path: KernelPath::Auto, programmatic: true }
     }
 
     /// The same with an explicit kernel path.
     pub fn with_path(self, path: KernelPath) -> Self {
         Self { path, ..self }
+    }
+
+    /// The same with programmatic dependent launch on or off (see
+    /// [`CudaFlashDecode::programmatic_launch`]).
+    pub fn with_programmatic_launch(self, on: bool) -> Self {
+        Self { programmatic: on, ..self }
     }
 
     /// The kernel path.
@@ -297,6 +323,7 @@ impl CudaPagedAttention {
             capacity: paged.max_seqlen_k,
             total_tokens: t,
             heads_per_block: None,
+            programmatic: self.programmatic,
         };
         launch(true, self.path, kind, hd, ordinal, p, geo)?;
         Ok(out)

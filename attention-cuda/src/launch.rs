@@ -1,6 +1,6 @@
 //! The kernels' parameter block and launch geometry (tiles, head chunks, split-KV).
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, sys};
 use tch::{Device, Kind, Tensor};
 
 use crate::Error;
@@ -148,6 +148,9 @@ pub(crate) struct Geometry {
     /// Key/value heads per block the caller asks for (static decode; `None`: the launch picks,
     /// `heads_per_block`).
     pub heads_per_block: Option<i64>,
+    /// Launch the split combine with programmatic stream serialization where the device has it
+    /// (`queue`).
+    pub programmatic: bool,
 }
 
 /// Whether `path` runs on the tensor cores for this launch.
@@ -516,13 +519,15 @@ pub(crate) fn launch(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
-    let mut b = stream.launch_builder(&attend.func);
-    b.arg(&p);
+    // Programmatic launch for the combine only (`queue`).
+    let programmatic = geo.programmatic && k.programmatic;
     #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
     // SAFETY: the callers checked every pointer's tensor (dtype, device, contiguity, shape) and
     // keep the tensors alive until the work is queued on libtorch's stream, whose allocator
     // orders reuse after it.
-    unsafe { b.launch(cfg) }.map_err(|e| Error::Driver(format!("{e:?}")))?;
+    unsafe {
+        queue(&stream, &attend.func, cfg, &p, false)?;
+    }
     if nsplit > 1 {
         // The kernels' COMBINE_THREADS; shared memory: the split weights (room for a power of
         // two of them, so few sizes are ever loaded), then one row of partial sums per group.
@@ -536,15 +541,76 @@ pub(crate) fn launch(
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
-        let mut b = stream.launch_builder(&combine.func);
-        b.arg(&p);
         #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
         // SAFETY: as above; part_o/part_lse live until the end of this function, after the launch
         // was queued on the same stream.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::Driver(format!("{e:?}")))?;
+        unsafe {
+            queue(&stream, &combine.func, cfg, &p, programmatic)?;
+        }
     }
     drop((part_o, part_lse));
     Ok(())
+}
+
+/// Queues `func(p)` on `stream`. With `programmatic`, as a programmatic dependent launch: the
+/// grid may be scheduled once the previous kernel on the stream lets it (the kernels here do
+/// once done streaming, `launch_next_grid`; others when their blocks exit), and its blocks
+/// wait for that kernel to complete before they touch memory (`wait_for_previous_grid`).
+///
+/// `launch` uses it for the split combine only. Same-process A/B on an H200 (bf16 decode, head
+/// dim 128): the attention kernel launched that way too gained 1-2% after a split launch's
+/// combine, but wherever its blocks became resident in the slots the previous grid had left
+/// free, spread unevenly over the multiprocessors, it lost far more: one-wave launches of 256
+/// blocks (32/8 and 32/32 at 32 x 4096 and 128 x 1024) 23-24% of their bandwidth when the
+/// kernels let the next one launch at their start, the launches after a combine (32/8 at
+/// 1 x 131072 and 8 x 16384, and paged) 2-19% when they let it after their key loop. The
+/// combine alone launched that way: split launches 0.3-1.1% faster (H100 and H200), others
+/// unchanged.
+///
+/// # Safety
+/// `p` must hold pointers to live device memory of the sizes the kernel reads and writes,
+/// valid until the work has run on `stream` (libtorch's allocator orders reuse after it).
+#[expect(unsafe_code, reason = "raw driver launch")]
+unsafe fn queue(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    p: &Params,
+    programmatic: bool,
+) -> Result<(), Error> {
+    let driver = |e| Error::Driver(format!("{e:?}"));
+    if !programmatic {
+        let mut b = stream.launch_builder(func);
+        b.arg(p);
+        // SAFETY: the caller's.
+        return unsafe { b.launch(cfg) }.map(drop).map_err(driver);
+    }
+    stream.context().bind_to_thread().map_err(driver)?;
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut args = [std::ptr::from_ref(p).cast_mut().cast::<std::ffi::c_void>()];
+    // SAFETY: one attribute, which outlives the call; `args` holds the address of the kernel's
+    // one parameter, of its exact layout; the pointers in it are the caller's.
+    unsafe {
+        sys::cuLaunchKernelEx(&config, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut())
+    }
+    .result()
+    .map_err(driver)
 }
 
 #[cfg(test)]
@@ -591,6 +657,7 @@ mod tests {
                 capacity: 1024,
                 total_tokens: rows,
                 heads_per_block: requested,
+                programmatic: true,
             };
             let split = SplitInput {
                 units: rows * hkv,

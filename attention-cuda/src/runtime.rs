@@ -223,6 +223,8 @@ pub struct Kernels {
     pub sm_count: i64,
     /// The most dynamic shared memory a block may opt in to, bytes.
     pub smem_optin: u32,
+    /// Whether the device takes programmatic dependent launches (compute capability 9.0+).
+    pub programmatic: bool,
 }
 
 type KernelCache = Mutex<HashMap<(usize, Variant), Arc<Kernels>>>;
@@ -283,6 +285,7 @@ pub fn kernels(ordinal: usize, variant: Variant) -> Result<Arc<Kernels>, Error> 
         functions: Mutex::new(HashMap::new()),
         sm_count,
         smem_optin,
+        programmatic: major >= 9,
     });
     map.insert((ordinal, variant), k.clone());
     Ok(k)

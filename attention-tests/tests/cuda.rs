@@ -4,6 +4,7 @@
 //!   full forward (fp32 1e-5; bf16 against the same computation upcast), for MHA/GQA/MQA, Q/K
 //!   norms, rotary rotate-half/interleaved/partial, a batch offset, long contexts with split-KV;
 //! * `flash_decode` is exact whatever host bound on the offsets sizes its launch;
+//! * programmatically launched combines give the same chains of steps as serial ones;
 //! * the kernels refuse unsupported input with typed errors;
 //! * `sdpa-cuda`: the backend from the spec is the one libtorch runs, outputs equal `sdpa`, and
 //!   packed sequences through varlen flash equal per-sequence runs, gradients included.
@@ -743,6 +744,104 @@ fn flash_decode_is_exact_whatever_its_offset_bound() -> Result<()> {
                 Err(e) if e.to_string().contains("max_sequence_offset") => {}
                 other => bail!("max_sequence_offset {bad}: expected a refusal, got {other:?}"),
             }
+        }
+    }
+    Ok(())
+}
+
+/// Programmatic dependent launch (the default) lets the split combine be scheduled while the
+/// attention kernel finishes; it waits for it before touching memory. Chains of steps whose
+/// query, key and value are the previous step's output (MHA: the output has their shape) and
+/// whose keys land where the next step reads them give the same outputs and caches, bit for
+/// bit, as the same chains launched one kernel after the other: static decode with and without
+/// split-KV (whose combine kernel follows the attention kernel), and the paged kernel.
+#[test]
+fn programmatic_launches_equal_serial_ones() -> Result<()> {
+    use attention_core::inference::StaticDecodeStep;
+    use attention_cuda::decode::CudaPagedAttention;
+    use attention_spec::AttnMaskType;
+    use attention_spec::module::{CoreAttentionInput, PagedKv};
+    tch::manual_seed(23);
+    let (h, hd, steps) = (8i64, 128i64, 12);
+    let kind = Kind::BFloat16;
+    // One long row (split-KV and the combine) and 64 short ones (one block per row and head).
+    for (b, max_seq, offset) in [(1i64, 16384i64, 16000i32), (64, 1024, 700)] {
+        let kc = Tensor::randn([max_seq, b, h, hd], (kind, GPU));
+        let vc = Tensor::randn([max_seq, b, h, hd], (kind, GPU));
+        let x0 = Tensor::randn([1, b, h, hd], (kind, GPU));
+        let offsets = Tensor::full([b], i64::from(offset), (Kind::Int, GPU));
+        let chain = |programmatic: bool| -> Result<(Tensor, Tensor, Tensor)> {
+            let (kr, vr) = (kc.copy(), vc.copy());
+            let mut x = x0.copy();
+            for _ in 0..steps {
+                let step = StaticDecodeStep {
+                    query: &x,
+                    key: &x,
+                    value: &x,
+                    key_cache: &kr,
+                    value_cache: &vr,
+                    batch_offset: 0,
+                    sequence_offsets: &offsets,
+                    max_sequence_offset: Some(i64::from(offset)),
+                    rotary: None,
+                    softmax_scale: 0.125,
+                };
+                let decode = CudaFlashDecode::default().with_programmatic_launch(programmatic);
+                x = decode.run(&step)?.view([1, b, h, hd]);
+            }
+            Ok((x, kr, vr))
+        };
+        let (serial, overlapped) = (chain(false)?, chain(true)?);
+        for (name, a, c) in [
+            ("output", &overlapped.0, &serial.0),
+            ("keys", &overlapped.1, &serial.1),
+            ("values", &overlapped.2, &serial.2),
+        ] {
+            if !a.equal(c) {
+                bail!(
+                    "static decode, {b} rows at offset {offset}: {name} differ from serial launches"
+                );
+            }
+        }
+    }
+    // Paged: 4 decode requests of 6000 keys in 16-token pages (split-KV).
+    let (n, len, bs) = (4i64, 6000i64, 16i64);
+    let per = (len + bs - 1) / bs;
+    let kc = Tensor::randn([n * per, bs, h, hd], (kind, GPU));
+    let vc = Tensor::randn([n * per, bs, h, hd], (kind, GPU));
+    let table = Tensor::randperm(n * per, (Kind::Int, GPU)).view([n, per]);
+    let cu = Tensor::arange(n + 1, (Kind::Int, GPU));
+    let lens = Tensor::full([n], len, (Kind::Int, GPU));
+    let slots = Tensor::zeros([n], (Kind::Int64, GPU));
+    let x0 = Tensor::randn([n, 1, h, hd], (kind, GPU));
+    let chain = |programmatic: bool| -> Result<(Tensor, Tensor, Tensor)> {
+        let (kr, vr) = (kc.copy(), vc.copy());
+        let kernel = CudaPagedAttention::new(0.125).with_programmatic_launch(programmatic);
+        let mut x = x0.copy();
+        for _ in 0..steps {
+            let pk = PagedKv {
+                key_cache: &kr,
+                value_cache: &vr,
+                slot_mapping: &slots,
+                block_table: &table,
+                cu_seqlens_q: &cu,
+                seqlens_k: &lens,
+                max_seqlen_q: 1,
+                max_seqlen_k: len,
+            };
+            let input = CoreAttentionInput::new(&x, &x, &x, AttnMaskType::Causal);
+            x = kernel.run(&input, &pk)?.view([n, 1, h, hd]);
+        }
+        Ok((x, kr, vr))
+    };
+    let (serial, overlapped) = (chain(false)?, chain(true)?);
+    for (name, a, c) in [
+        ("output", &overlapped.0, &serial.0),
+        ("keys", &overlapped.1, &serial.1),
+        ("values", &overlapped.2, &serial.2),
+    ] {
+        if !a.equal(c) {
+            bail!("paged decode: {name} differ from serial launches");
         }
     }
     Ok(())
