@@ -95,7 +95,8 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // the combine at its start). The host launches the split combine that way, so its blocks are
 // resident as the attention kernel's last ones finish, but not the attention kernel itself:
 // blocks of a grid launched into a busy GPU are placed in whatever slots are free, unevenly,
-// and a one-wave decode launch then ran up to 24% slower (`queue` in src/launch.rs).
+// and a one-wave decode launch then lost up to a quarter of its bandwidth (`queue` in
+// src/launch.rs).
 __device__ __forceinline__ void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");

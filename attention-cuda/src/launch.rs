@@ -558,13 +558,13 @@ pub(crate) fn launch(
 /// wait for that kernel to complete before they touch memory (`wait_for_previous_grid`).
 ///
 /// `launch` uses it for the split combine only. Same-process A/B on an H200 (bf16 decode, head
-/// dim 128): the attention kernel launched that way too gained 1-2% after a split launch's
-/// combine, but wherever its blocks became resident in the slots the previous grid had left
-/// free, spread unevenly over the multiprocessors, it lost far more: one-wave launches of 256
-/// blocks (32/8 and 32/32 at 32 x 4096 and 128 x 1024) 23-24% of their bandwidth when the
-/// kernels let the next one launch at their start, the launches after a combine (32/8 at
-/// 1 x 131072 and 8 x 16384, and paged) 2-19% when they let it after their key loop. The
-/// combine alone launched that way: split launches 0.3-1.1% faster (H100 and H200), others
+/// dim 128): the attention kernel launched that way too gained up to 2%, but wherever its
+/// blocks became resident in the slots the previous grid had left free, spread unevenly over
+/// the multiprocessors, it lost far more: one-wave launches of 256 blocks (32/8 at 32 x 4096
+/// and 128 x 1024, 32/32 at 8 x 16384 and 32 x 4096) 22-25% of their bandwidth when the
+/// kernels let the next one launch at their start, the launches after a combine (1 x 131072
+/// and 8 x 16384, static and paged) 2-19% when they let it after their key loop. The combine
+/// alone launched that way: split launches up to 1.5% faster (H100 and H200), others
 /// unchanged.
 ///
 /// # Safety
