@@ -791,18 +791,8 @@ fn programmatic_launches_equal_serial_ones() -> Result<()> {
             }
             Ok((x, kr, vr))
         };
-        let (serial, overlapped) = (chain(false)?, chain(true)?);
-        for (name, a, c) in [
-            ("output", &overlapped.0, &serial.0),
-            ("keys", &overlapped.1, &serial.1),
-            ("values", &overlapped.2, &serial.2),
-        ] {
-            if !a.equal(c) {
-                bail!(
-                    "static decode, {b} rows at offset {offset}: {name} differ from serial launches"
-                );
-            }
-        }
+        let what = format!("static decode, {b} rows at offset {offset}");
+        same_chain_results(&what, &chain(false)?, &chain(true)?)?;
     }
     // Paged: 4 decode requests of 6000 keys in 16-token pages (split-KV).
     let (n, len, bs) = (4i64, 6000i64, 16i64);
@@ -834,14 +824,22 @@ fn programmatic_launches_equal_serial_ones() -> Result<()> {
         }
         Ok((x, kr, vr))
     };
-    let (serial, overlapped) = (chain(false)?, chain(true)?);
-    for (name, a, c) in [
-        ("output", &overlapped.0, &serial.0),
-        ("keys", &overlapped.1, &serial.1),
-        ("values", &overlapped.2, &serial.2),
+    same_chain_results("paged decode", &chain(false)?, &chain(true)?)
+}
+
+/// Output, keys and values of a serially launched chain and of a programmatic one, bit for bit.
+fn same_chain_results(
+    what: &str,
+    serial: &(Tensor, Tensor, Tensor),
+    programmatic: &(Tensor, Tensor, Tensor),
+) -> Result<()> {
+    for (name, a, b) in [
+        ("output", &programmatic.0, &serial.0),
+        ("keys", &programmatic.1, &serial.1),
+        ("values", &programmatic.2, &serial.2),
     ] {
-        if !a.equal(c) {
-            bail!("paged decode: {name} differ from serial launches");
+        if !a.equal(b) {
+            bail!("{what}: {name} differ from serial launches");
         }
     }
     Ok(())
