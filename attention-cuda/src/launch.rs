@@ -478,18 +478,16 @@ pub(crate) fn launch(
     p.split_len = split_len as i32;
     p.total_tokens = geo.total_tokens as i32;
     let dev = Device::Cuda(device);
-    let (part_o, part_lse) = if nsplit > 1 {
-        let o = Tensor::f_empty(
-            [nsplit * geo.total_tokens * geo.hkv * geo.group * hd],
-            (Kind::Float, dev),
-        )?;
-        let l =
-            Tensor::f_empty([nsplit * geo.total_tokens * geo.hkv * geo.group], (Kind::Float, dev))?;
-        p.part_o = o.data_ptr() as u64;
-        p.part_lse = l.data_ptr() as u64;
-        (Some(o), Some(l))
+    // The splits' partial outputs, then their log-sum-exps, in one allocation (a step's host
+    // time is mostly libtorch's allocations where the GPU's share is a few microseconds).
+    let partials = if nsplit > 1 {
+        let rows = nsplit * geo.total_tokens * geo.hkv * geo.group;
+        let t = Tensor::f_empty([rows * (hd + 1)], (Kind::Float, dev))?;
+        p.part_o = t.data_ptr() as u64;
+        p.part_lse = p.part_o + (rows * hd * 4) as u64;
+        Some(t)
     } else {
-        (None, None)
+        None
     };
     let z = hkv_blocks * nchunks * nsplit;
     // The paged kernels enumerate every request's token tiles along x (`block_tile`): row r's
@@ -542,13 +540,13 @@ pub(crate) fn launch(
             shared_mem_bytes: smem,
         };
         #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
-        // SAFETY: as above; part_o/part_lse live until the end of this function, after the launch
+        // SAFETY: as above; the partials live until the end of this function, after the launch
         // was queued on the same stream.
         unsafe {
             queue(&stream, &combine.func, cfg, &p, programmatic)?;
         }
     }
-    drop((part_o, part_lse));
+    drop(partials);
     Ok(())
 }
 
