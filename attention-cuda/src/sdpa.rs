@@ -87,6 +87,26 @@ pub struct SdpaCuda {
     /// `_fused_sdp_choice` of the last call (-1: none yet, or the varlen path).
     #[cfg(feature = "cuda")]
     last: AtomicI64,
+    /// The last `_fused_sdp_choice` asked and its answer: libtorch's backend selection costs a
+    /// few microseconds of host time per call, and a model calls with the same inputs' shape
+    /// over and over.
+    #[cfg(feature = "cuda")]
+    choice: Mutex<Option<(ChoiceKey, i64)>>,
+}
+
+/// What `_fused_sdp_choice` depends on: the inputs' shapes, strides, dtype and device, whether
+/// any of them requires a gradient, the causal flag and libtorch's backend switches (not its
+/// process-wide determinism flag: the choice is only reported, never acted on).
+#[cfg(feature = "cuda")]
+#[derive(Debug, PartialEq)]
+struct ChoiceKey {
+    sizes: [Vec<i64>; 3],
+    strides: [Vec<i64>; 3],
+    kind: tch::Kind,
+    device: tch::Device,
+    requires_grad: bool,
+    causal: bool,
+    switches: [bool; 4],
 }
 
 #[cfg(feature = "cuda")]
@@ -134,6 +154,8 @@ impl SdpaCuda {
             },
             #[cfg(feature = "cuda")]
             last: AtomicI64::new(-1),
+            #[cfg(feature = "cuda")]
+            choice: Mutex::new(None),
         })
     }
 
@@ -156,6 +178,46 @@ impl SdpaCuda {
         {
             None
         }
+    }
+
+    /// What libtorch will pick for this call's (permuted) inputs, for the report: asked again
+    /// only when something it depends on changes (`ChoiceKey`).
+    #[cfg(feature = "cuda")]
+    fn choice(&self, input: &CoreAttentionInput<'_>, switches: [bool; 4]) -> i64 {
+        let [q, k, v] = [input.query, input.key, input.value];
+        let causal = input.attention_mask.is_none()
+            && input.attention_bias.is_none()
+            && input.packed_seq_params.is_none();
+        let key = ChoiceKey {
+            sizes: [q.size(), k.size(), v.size()],
+            strides: [q.stride(), k.stride(), v.stride()],
+            kind: q.kind(),
+            device: q.device(),
+            requires_grad: [q, k, v].iter().any(|t| t.requires_grad()),
+            causal,
+            switches,
+        };
+        let mut cache = self.choice.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached, choice)) = cache.as_ref()
+            && *cached == key
+        {
+            return *choice;
+        }
+        // [s, b, heads, hn] -> [b, heads, s, hn], as the inner kind calls libtorch.
+        let [q, k, v] = [q, k, v].map(|t| t.permute([1, 2, 0, 3]));
+        let choice = Tensor::f_internal_fused_sdp_choice(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            causal && q.size()[2] > 1,
+            None,
+            q.size()[1] != k.size()[1],
+        )
+        .unwrap_or(-1);
+        *cache = Some((key, choice));
+        choice
     }
 }
 
@@ -284,27 +346,9 @@ impl CoreAttention for SdpaCuda {
         #[cfg(feature = "cuda")]
         let previous = {
             let prev = crate::shim::sdp_backends();
-            crate::shim::set_sdp_backends(self.backend.switches());
-            // What libtorch will pick for this call's (permuted) inputs, for the report.
-            let (q, k, v) = (
-                input.query.permute([1, 2, 0, 3]),
-                input.key.permute([1, 2, 0, 3]),
-                input.value.permute([1, 2, 0, 3]),
-            );
-            let causal = input.attention_mask.is_none()
-                && input.attention_bias.is_none()
-                && input.packed_seq_params.is_none();
-            let choice = Tensor::f_internal_fused_sdp_choice(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                causal && q.size()[2] > 1,
-                None,
-                q.size()[1] != k.size()[1],
-            );
-            self.last.store(choice.unwrap_or(-1), Ordering::Relaxed);
+            let switches = self.backend.switches();
+            crate::shim::set_sdp_backends(switches);
+            self.last.store(self.choice(&input, switches), Ordering::Relaxed);
             prev
         };
         let out = self.inner.forward(&input);
