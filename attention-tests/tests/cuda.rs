@@ -752,9 +752,10 @@ fn flash_decode_is_exact_whatever_its_offset_bound() -> Result<()> {
 /// Programmatic dependent launch (the default) lets the split combine be scheduled while the
 /// attention kernel finishes; it waits for it before touching memory. Chains of steps whose
 /// query, key and value are the previous step's output (MHA: the output has their shape) and
-/// whose keys land where the next step reads them give the same outputs and caches, bit for
-/// bit, as the same chains launched one kernel after the other: static decode with and without
-/// split-KV (whose combine kernel follows the attention kernel), and the paged kernel.
+/// whose new keys and values overwrite the slots the previous step wrote give the same outputs
+/// and caches, bit for bit, as the same chains launched one kernel after the other: static
+/// decode with and without split-KV (whose combine kernel follows the attention kernel), and
+/// the paged kernel with it.
 #[test]
 fn programmatic_launches_equal_serial_ones() -> Result<()> {
     use attention_core::inference::StaticDecodeStep;
@@ -764,7 +765,7 @@ fn programmatic_launches_equal_serial_ones() -> Result<()> {
     tch::manual_seed(23);
     let (h, hd, steps) = (8i64, 128i64, 12);
     let kind = Kind::BFloat16;
-    // One long row (split-KV and the combine) and 64 short ones (one block per row and head).
+    // One long row (split-KV and the combine) and 64 short ones (no split).
     for (b, max_seq, offset) in [(1i64, 16384i64, 16000i32), (64, 1024, 700)] {
         let kc = Tensor::randn([max_seq, b, h, hd], (kind, GPU));
         let vc = Tensor::randn([max_seq, b, h, hd], (kind, GPU));
