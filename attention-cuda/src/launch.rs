@@ -517,8 +517,6 @@ pub(crate) fn launch(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
-    // Programmatic launch for the combine only (`queue`).
-    let programmatic = geo.programmatic && k.programmatic;
     #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
     // SAFETY: the callers checked every pointer's tensor (dtype, device, contiguity, shape) and
     // keep the tensors alive until the work is queued on libtorch's stream, whose allocator
@@ -539,6 +537,8 @@ pub(crate) fn launch(
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
+        // The combine alone launches programmatically (`queue` says why).
+        let programmatic = geo.programmatic && k.programmatic;
         #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
         // SAFETY: as above; the partials live until the end of this function, after the launch
         // was queued on the same stream.
