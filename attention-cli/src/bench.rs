@@ -31,7 +31,8 @@ use clap::Args;
 /// Options of `attn bench`.
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// Which groups to run: copy, prefill, decode, paged, mixed (default: all).
+    /// Which groups to run: prefill, prefill-short, decode, paged, mixed (default: all; the copy
+    /// always runs).
     #[arg(long = "only")]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -182,7 +183,10 @@ mod imp {
         let copy = copy_bandwidth(device, reps)?;
         report.add("copy", "device-to-device 2 GiB".into(), ("copy", copy), &[], "GB/s");
         if want("prefill") {
-            prefill(device, reps, &mut report)?;
+            prefill(device, reps, "prefill", &PREFILL_SHAPES, &mut report)?;
+        }
+        if want("prefill-short") {
+            prefill(device, reps, "prefill-short", &SHORT_PREFILL_SHAPES, &mut report)?;
         }
         if want("decode") {
             decode(device, reps, copy, &mut report)?;
@@ -250,12 +254,26 @@ mod imp {
         }
     }
 
-    fn prefill(device: Device, reps: usize, report: &mut Report) -> Result<()> {
+    /// Prefill shapes: 16384 tokens per call from sequence 512 to 16384 (`prefill`), and one
+    /// sequence of 128 to 512 tokens (`prefill-short`), where a call's host work is as long as
+    /// its kernel.
+    const PREFILL_SHAPES: [(i64, i64); 6] =
+        [(512, 32), (1024, 16), (2048, 8), (4096, 4), (8192, 2), (16384, 1)];
+    const SHORT_PREFILL_SHAPES: [(i64, i64); 3] = [(128, 1), (256, 1), (512, 1)];
+
+    /// Core attention forward and forward+backward, `sdpa-cuda` against libtorch's SDPA called
+    /// directly and against the generic `sdpa` kind, for (sequence, batch) `shapes`.
+    fn prefill(
+        device: Device,
+        reps: usize,
+        group: &str,
+        shapes: &[(i64, i64)],
+        report: &mut Report,
+    ) -> Result<()> {
         for hd in [128i64, 64] {
             let h = 2048 / hd;
             for causal in [false, true] {
-                for s in [512i64, 1024, 2048, 4096, 8192, 16384] {
-                    let b = 16384 / s;
+                for &(s, b) in shapes {
                     let flops = 4.0 * (b * h * s * s * hd) as f64 * if causal { 0.5 } else { 1.0 };
                     // Baseline: SDPA default on [B, S, H, D] memory viewed [B, H, S, D].
                     let mk =
@@ -264,6 +282,9 @@ mod imp {
                     let g = bf16(&[b, h, s, hd], device);
                     // Ours: the sdpa-cuda core attention on Megatron's [s, b, h, d].
                     let attn = core("sdpa-cuda", h, h, hd, causal)?;
+                    // The generic `sdpa` kind on the same inputs: the same libtorch call through
+                    // tch's views and libtorch's backend choice on every call.
+                    let generic = core("sdpa", h, h, hd, causal)?;
                     let mk2 = || bf16(&[s, b, h, hd], device).set_requires_grad(true);
                     let (q2, k2, v2) = (mk2(), mk2(), mk2());
                     let g2 = bf16(&[s, b, h * hd], device);
@@ -279,6 +300,10 @@ mod imp {
                             }),
                             timed(10, || {
                                 let _ = attn.forward(&input)?;
+                                Ok(())
+                            }),
+                            timed(10, || {
+                                let _ = generic.forward(&input)?;
                                 Ok(())
                             }),
                         ],
@@ -297,27 +322,38 @@ mod imp {
                                     (attn.forward(&input)? * &g2).sum(Kind::Float).backward();
                                     Ok(())
                                 }),
+                                timed(5, || {
+                                    (generic.forward(&input)? * &g2).sum(Kind::Float).backward();
+                                    Ok(())
+                                }),
                             ],
                         )
                     })?;
                     let (base, ours, base_fb, ours_fb) = (fwd[0], fwd[1], fb[0], fb[1]);
+                    let (generic_fwd, generic_fb) = (fwd[2], fb[2]);
                     let backend = attn.backend().unwrap_or_default();
                     let case = format!(
                         "hd{hd} {} s{s} b{b} [{backend}]",
                         if causal { "causal" } else { "full" }
                     );
                     report.add(
-                        "prefill",
+                        group,
                         format!("{case} fwd"),
                         ("sdpa-cuda", flops / ours / 1e12),
-                        &[("sdpa default", flops / base / 1e12)],
+                        &[
+                            ("sdpa default", flops / base / 1e12),
+                            ("sdpa kind", flops / generic_fwd / 1e12),
+                        ],
                         "TFLOP/s",
                     );
                     report.add(
-                        "prefill",
+                        group,
                         format!("{case} fwd+bwd"),
                         ("sdpa-cuda", 3.5 * flops / ours_fb / 1e12),
-                        &[("sdpa default", 3.5 * flops / base_fb / 1e12)],
+                        &[
+                            ("sdpa default", 3.5 * flops / base_fb / 1e12),
+                            ("sdpa kind", 3.5 * flops / generic_fb / 1e12),
+                        ],
                         "TFLOP/s",
                     );
                 }

@@ -66,7 +66,51 @@ impl SdpaAttention {
     }
 }
 
+/// One `scaled_dot_product_attention` call on the `[b, heads, s, hn]` views of the inputs, with
+/// no mask tensor: what [`SdpaAttention`]'s forward runs for a call without a mask, bias, packed
+/// sequences or max-logit tracking ([`SdpaAttention::plain_call`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlainSdpa {
+    /// `is_causal` (a causal mask type and more than one query token).
+    pub causal: bool,
+    /// The softmax scale.
+    pub scale: f64,
+    /// The dropout probability (0 outside training).
+    pub dropout: f64,
+    /// Fewer key/value heads than query heads (`enable_gqa`).
+    pub gqa: bool,
+}
+
 impl SdpaAttention {
+    /// The SDPA call the forward makes for `input` when it is a single one without a mask
+    /// tensor, after the forward's checks of the input (their errors are returned); `None` when
+    /// the forward needs more (a mask, a bias, packed sequences, training with max-logit
+    /// tracking). A backend may run the call its own way; the result must be the forward's:
+    /// the output is `[sq, b, np * hn]`.
+    pub fn plain_call(
+        &self,
+        input: &CoreAttentionInput<'_>,
+    ) -> Result<Option<PlainSdpa>, ForwardError> {
+        if input.attention_mask.is_some()
+            || input.attention_bias.is_some()
+            || input.packed_seq_params.is_some()
+            || (input.training && self.max_logits.is_some())
+        {
+            return Ok(None);
+        }
+        let d = check_core_input(input)?;
+        let causal = self.attn_mask_type == AttnMaskType::Causal && d.sq > 1;
+        if causal {
+            check_causal_square(&d)?;
+        }
+        Ok(Some(PlainSdpa {
+            causal,
+            scale: self.scale,
+            dropout: if input.training { self.dropout } else { 0.0 },
+            gqa: d.np != d.ngp,
+        }))
+    }
+
     /// SDPA keeps no scores, so QK-Clip's per-head maxima of `mask(q·kᵀ·scale + bias)` are
     /// computed here, without gradients, `LOGIT_CHUNK` query rows at a time.
     fn record_max_logits(

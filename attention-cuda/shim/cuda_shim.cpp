@@ -1,11 +1,15 @@
 // libtorch calls attention-cuda needs and tch does not bind: libtorch's current CUDA stream,
-// the SDPA backend switches, and the variable-length flash-attention forward and backward
-// (packed THD sequences). Public ATen APIs only; no CUDA headers. Exceptions become errors.
+// the SDPA backend switches, SDPA on Megatron's [s, b, h, d] layout in one call (cuDNN's kernel
+// directly once libtorch has chosen it) and what its choice depends on, and the
+// variable-length flash-attention forward and backward (packed THD sequences). Public ATen APIs
+// only; no CUDA headers. Exceptions become errors.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <tuple>
@@ -83,6 +87,59 @@ int attn_flash_varlen_bwd(at::Tensor* grad_out, at::Tensor* q, at::Tensor* k, at
     return 0;
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
+    return 1;
+  }
+}
+
+// Forward of `sdpa-cuda` without a mask: q [sq, b, hq, d], k/v [sk, b, hkv, d] -> out
+// [sq, b, hq * d] (1 new tensor). backend 3 (cuDNN) calls at::_scaled_dot_product_cudnn_attention
+// with the arguments at::scaled_dot_product_attention passes it once it has chosen cuDNN; any
+// other code calls at::scaled_dot_product_attention.
+int attn_sdpa_sbhd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int64_t backend, double dropout,
+                   int causal, double scale, int gqa, at::Tensor** out, char* err, int64_t errlen) {
+  try {
+    const auto qp = q->permute({1, 2, 0, 3}), kp = k->permute({1, 2, 0, 3}), vp = v->permute({1, 2, 0, 3});
+    at::Tensor o;
+    if (backend == 3) {
+      const bool lse =
+          c10::GradMode::is_enabled() && (q->requires_grad() || k->requires_grad() || v->requires_grad());
+      o = std::get<0>(at::_scaled_dot_product_cudnn_attention(qp, kp, vp, std::nullopt, lse, dropout, causal != 0,
+                                                              false, scale));
+    } else {
+      o = at::scaled_dot_product_attention(qp, kp, vp, std::nullopt, dropout, causal != 0, scale, gqa != 0);
+    }
+    *out = new at::Tensor(o.permute({2, 0, 1, 3}).contiguous().view({q->size(0), q->size(1), -1}));
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return 1;
+  }
+}
+
+// What libtorch's SDPA backend choice depends on in q, k and v, in one call: for each tensor
+// 13 values (dimensions, the first 4 sizes and strides (-1 past the last), dtype, device type,
+// device index, data pointer modulo 16, requires_grad), then grad mode and the
+// deterministic-algorithms flag (SDPA_SIGNATURE values in src/shim.rs). 1 where a tensor has no
+// data pointer or sizes to read (undefined, sparse, nested, ...).
+int attn_sdpa_signature(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int64_t* sig) {
+  try {
+    int64_t* o = sig;
+    for (const at::Tensor* t : {q, k, v}) {
+      if (!t->defined() || !t->has_storage() || t->is_nested()) return 1;
+      const int64_t dim = t->dim();
+      *o++ = dim;
+      for (int64_t i = 0; i < 4; ++i) *o++ = i < dim ? t->size(i) : -1;
+      for (int64_t i = 0; i < 4; ++i) *o++ = i < dim ? t->stride(i) : -1;
+      *o++ = static_cast<int64_t>(t->scalar_type());
+      *o++ = static_cast<int64_t>(t->device().type());
+      *o++ = t->device().index();
+      *o++ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16);
+      *o++ = t->requires_grad() ? 1 : 0;
+    }
+    *o++ = c10::GradMode::is_enabled() ? 1 : 0;
+    *o++ = at::globalContext().deterministicAlgorithms() ? 1 : 0;
+    return 0;
+  } catch (const std::exception&) {
     return 1;
   }
 }

@@ -10,10 +10,18 @@
 //! `flash`, `efficient`, `math`. The choice is applied around each call (libtorch's switches are
 //! process-wide, as PyTorch's `sdpa_kernel` context manager), and [`SdpaCuda::last_backend`] reports
 //! what libtorch picked for the last call. Semantics are those of `attention-core`'s `sdpa`
-//! kind. Packed sequences in fp16/bf16 without a caller mask or bias run
-//! `aten::_flash_attention_forward`/`_backward` on the packed layout (no `[t, t]` mask); other
-//! packed calls use the block-diagonal mask of the `sdpa` kind.
+//! kind. A call without a mask or bias is that kind's one SDPA call
+//! ([`SdpaAttention::plain_call`]), made in C++ in one trip through the shim; when the inputs'
+//! shapes, strides, dtypes, devices, alignment and gradient flags are the last call's and
+//! libtorch chose cuDNN for them, it runs cuDNN's kernel directly, as SDPA itself would,
+//! without checking, choosing or switching again (a model calls with the same shapes layer
+//! after layer; on an H200, forwards of one 128- to 512-token sequence, whose host work is as
+//! long as their kernel, ran 1.04-1.18x as fast as through the `sdpa` kind). Packed sequences
+//! in fp16/bf16 without a caller mask or bias run `aten::_flash_attention_forward`/`_backward`
+//! on the packed layout (no `[t, t]` mask); other packed calls use the block-diagonal mask of
+//! the `sdpa` kind.
 
+#[cfg(feature = "cuda")]
 use std::sync::Mutex;
 #[cfg(feature = "cuda")]
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -74,7 +82,12 @@ struct SdpaCudaParams {
     backend: Backend,
 }
 
+/// `_fused_sdp_choice`'s code for cuDNN attention.
+#[cfg(feature = "cuda")]
+const CUDNN: i64 = 3;
+
 /// Serialises the process-wide backend switches.
+#[cfg(feature = "cuda")]
 static SWITCHES: Mutex<()> = Mutex::new(());
 
 /// The `sdpa-cuda` core attention.
@@ -87,26 +100,34 @@ pub struct SdpaCuda {
     /// `_fused_sdp_choice` of the last call (-1: none yet, or the varlen path).
     #[cfg(feature = "cuda")]
     last: AtomicI64,
-    /// The last `_fused_sdp_choice` asked and its answer: libtorch's backend selection costs a
-    /// few microseconds of host time per call, and a model calls with the same inputs' shape
-    /// over and over.
+    /// The last call's `ChoiceKey`, libtorch's `_fused_sdp_choice` for it and, for a call
+    /// without a mask, the SDPA call the inner kind makes: libtorch's backend selection and
+    /// our input checks cost microseconds of host time per call, and a model calls with the
+    /// same inputs' shapes over and over.
     #[cfg(feature = "cuda")]
-    choice: Mutex<Option<(ChoiceKey, i64)>>,
+    choice: Mutex<Option<Remembered>>,
 }
 
-/// What `_fused_sdp_choice` depends on: the inputs' shapes, strides, dtype and device, whether
-/// any of them requires a gradient, the causal flag and libtorch's backend switches (not its
-/// process-wide determinism flag: the choice is only reported, never acted on).
+/// What `_fused_sdp_choice` and the inner kind's checks depend on: the inputs' signature
+/// (`shim::sdpa_signature`: shapes, strides, dtypes, devices, alignment, gradient flags, grad
+/// mode, the deterministic flag), the training flag (dropout, max-logit tracking) and whether
+/// the call has a mask, bias or packed sequences. The backend switches are the module's own.
 #[cfg(feature = "cuda")]
 #[derive(Debug, PartialEq)]
 struct ChoiceKey {
-    sizes: [Vec<i64>; 3],
-    strides: [Vec<i64>; 3],
-    kind: tch::Kind,
-    device: tch::Device,
-    requires_grad: bool,
-    causal: bool,
-    switches: [bool; 4],
+    signature: [i64; crate::shim::SDPA_SIGNATURE],
+    training: bool,
+    masked: bool,
+}
+
+/// A remembered call: its key, libtorch's choice, and the inner kind's SDPA call for it (`None`
+/// where the inner kind does more than one SDPA call without a mask).
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+struct Remembered {
+    key: ChoiceKey,
+    choice: i64,
+    plain: Option<attention_core::sdpa::PlainSdpa>,
 }
 
 #[cfg(feature = "cuda")]
@@ -180,43 +201,47 @@ impl SdpaCuda {
         }
     }
 
-    /// What libtorch will pick for this call's (permuted) inputs, for the report: asked again
-    /// only when something it depends on changes (`ChoiceKey`).
+    /// The remembered choice and SDPA call for `key`, if it is the last call's.
     #[cfg(feature = "cuda")]
-    fn choice(&self, input: &CoreAttentionInput<'_>, switches: [bool; 4]) -> i64 {
-        let [q, k, v] = [input.query, input.key, input.value];
-        let causal = input.attention_mask.is_none()
-            && input.attention_bias.is_none()
-            && input.packed_seq_params.is_none();
-        let key = ChoiceKey {
-            sizes: [q.size(), k.size(), v.size()],
-            strides: [q.stride(), k.stride(), v.stride()],
-            kind: q.kind(),
-            device: q.device(),
-            requires_grad: [q, k, v].iter().any(|t| t.requires_grad()),
-            causal,
-            switches,
-        };
-        let mut cache = self.choice.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((cached, choice)) = cache.as_ref()
-            && *cached == key
-        {
-            return *choice;
+    fn remembered(
+        &self,
+        key: &ChoiceKey,
+    ) -> Option<(i64, Option<attention_core::sdpa::PlainSdpa>)> {
+        let last = self.choice.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().filter(|r| r.key == *key).map(|r| (r.choice, r.plain))
+    }
+
+    /// What libtorch picks for this call's (permuted) inputs under the backend switches now
+    /// set: `_fused_sdp_choice`, asked again only for a new key, with `plain`'s causal flag,
+    /// scale and dropout (a masked call's choice is asked without its mask, and only reported).
+    /// Without a key (inputs without a signature) nothing is remembered.
+    #[cfg(feature = "cuda")]
+    fn choose(
+        &self,
+        key: Option<ChoiceKey>,
+        input: &CoreAttentionInput<'_>,
+        plain: Option<attention_core::sdpa::PlainSdpa>,
+    ) -> i64 {
+        if let Some((choice, _)) = key.as_ref().and_then(|k| self.remembered(k)) {
+            return choice;
         }
         // [s, b, heads, hn] -> [b, heads, s, hn], as the inner kind calls libtorch.
-        let [q, k, v] = [q, k, v].map(|t| t.permute([1, 2, 0, 3]));
+        let [q, k, v] = [input.query, input.key, input.value].map(|t| t.permute([1, 2, 0, 3]));
         let choice = Tensor::f_internal_fused_sdp_choice(
             &q,
             &k,
             &v,
             None::<Tensor>,
-            0.0,
-            causal && q.size()[2] > 1,
-            None,
+            plain.map_or(0.0, |c| c.dropout),
+            plain.is_some_and(|c| c.causal),
+            plain.map(|c| c.scale),
             q.size()[1] != k.size()[1],
         )
         .unwrap_or(-1);
-        *cache = Some((key, choice));
+        if let Some(key) = key {
+            *self.choice.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Remembered { key, choice, plain });
+        }
         choice
     }
 }
@@ -331,7 +356,8 @@ impl CoreAttention for SdpaCuda {
         }
         // libtorch's memory-efficient kernel has no GQA (`enable_gqa` makes it refuse the call),
         // so for that backend key/value heads are repeated up to the query heads first.
-        let (np, ng) = (input.query.size()[2], input.key.size()[2]);
+        let heads = |t: &Tensor| t.size().get(2).copied().unwrap_or(0);
+        let (np, ng) = (heads(input.query), heads(input.key));
         let expanded = if self.backend == Backend::Efficient && np != ng && ng > 0 && np % ng == 0 {
             let repeat = |t: &Tensor| t.f_repeat_interleave_self_int(np / ng, 2, None);
             Some((repeat(input.key)?, repeat(input.value)?))
@@ -342,19 +368,44 @@ impl CoreAttention for SdpaCuda {
             Some((key, value)) => CoreAttentionInput { key, value, ..*input },
             None => *input,
         };
-        let _guard = SWITCHES.lock().unwrap_or_else(|p| p.into_inner());
         #[cfg(feature = "cuda")]
-        let previous = {
-            let prev = crate::shim::sdp_backends();
+        {
+            let key =
+                crate::shim::sdpa_signature(input.query, input.key, input.value).map(|signature| {
+                    ChoiceKey {
+                        signature,
+                        training: input.training,
+                        masked: input.attention_mask.is_some()
+                            || input.attention_bias.is_some()
+                            || input.packed_seq_params.is_some(),
+                    }
+                });
+            // The last call's inputs again, answered with cuDNN: its kernel directly, without
+            // the checks (passed for this signature), the switches or libtorch's choice.
+            if let Some((CUDNN, Some(call))) = key.as_ref().and_then(|k| self.remembered(k)) {
+                self.last.store(CUDNN, Ordering::Relaxed);
+                let (q, k, v) = (input.query, input.key, input.value);
+                return Ok(crate::shim::sdpa_sbhd(q, k, v, CUDNN, &call)?);
+            }
+            let plain = self.inner.plain_call(&input)?;
             let switches = self.backend.switches();
+            let _guard = SWITCHES.lock().unwrap_or_else(|p| p.into_inner());
+            let previous = crate::shim::sdp_backends();
             crate::shim::set_sdp_backends(switches);
-            self.last.store(self.choice(&input, switches), Ordering::Relaxed);
-            prev
-        };
-        let out = self.inner.forward(&input);
-        #[cfg(feature = "cuda")]
-        crate::shim::set_sdp_backends(previous);
-        out
+            let choice = self.choose(key, &input, plain);
+            self.last.store(choice, Ordering::Relaxed);
+            let out = match &plain {
+                Some(call) => {
+                    crate::shim::sdpa_sbhd(input.query, input.key, input.value, choice, call)
+                        .map_err(ForwardError::from)
+                }
+                None => self.inner.forward(&input),
+            };
+            crate::shim::set_sdp_backends(previous);
+            out
+        }
+        #[cfg(not(feature = "cuda"))]
+        self.inner.forward(&input)
     }
 
     fn max_attention_logits(&self) -> Option<Tensor> {

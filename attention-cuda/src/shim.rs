@@ -1,4 +1,5 @@
-//! FFI to `shim/cuda_shim.cpp` (libtorch's stream, SDPA switches, varlen flash attention) and
+//! FFI to `shim/cuda_shim.cpp` (libtorch's stream, SDPA switches, the `[s, b, h, d]` SDPA call
+//! and its inputs' signature, varlen flash attention) and
 //! `shim/graph_shim.cpp` (CUDA-graph capture through libtorch).
 
 use std::ffi::{c_char, c_int, c_void};
@@ -52,6 +53,25 @@ unsafe extern "C" {
         err: *mut c_char,
         errlen: i64,
     ) -> c_int;
+    fn attn_sdpa_sbhd(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        backend: i64,
+        dropout: f64,
+        causal: c_int,
+        scale: f64,
+        gqa: c_int,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        errlen: i64,
+    ) -> c_int;
+    fn attn_sdpa_signature(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        sig: *mut i64,
+    ) -> c_int;
 }
 
 unsafe extern "C" {
@@ -101,6 +121,58 @@ pub fn set_sdp_backends([flash, mem_efficient, math, cudnn]: [bool; 4]) {
 fn adopt(p: *mut C_tensor) -> Tensor {
     // SAFETY: the shim returned a new at::Tensor* that we now own.
     unsafe { Tensor::from_ptr(p) }
+}
+
+/// `[sq, b, hq * hn]` attention of `[sq, b, hq, hn]` queries and `[sk, b, hkv, hn]` keys and
+/// values as one SDPA call without a mask (`call`), in one trip through the shim: backend 3
+/// (cuDNN, libtorch's `_fused_sdp_choice` code) runs `_scaled_dot_product_cudnn_attention` as
+/// `scaled_dot_product_attention` does once it has chosen cuDNN, without choosing again; other
+/// codes run `scaled_dot_product_attention` (under the caller's backend switches).
+pub(crate) fn sdpa_sbhd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    backend: i64,
+    call: &attention_core::sdpa::PlainSdpa,
+) -> Result<Tensor, Error> {
+    let mut out = std::ptr::null_mut();
+    let mut err = [0u8; ERR_LEN];
+    // SAFETY: the tensor pointers are live for the call and only read; the shim writes one new
+    // tensor.
+    let rc = unsafe {
+        attn_sdpa_sbhd(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            backend,
+            call.dropout,
+            c_int::from(call.causal),
+            call.scale,
+            c_int::from(call.gqa),
+            &mut out,
+            err.as_mut_ptr().cast(),
+            ERR_LEN as i64,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Torch(message(&err)));
+    }
+    Ok(adopt(out))
+}
+
+/// Values of [`sdpa_signature`].
+pub(crate) const SDPA_SIGNATURE: usize = 3 * 13 + 2;
+
+/// What libtorch's SDPA backend choice depends on in `q`, `k` and `v`, read in one call: per
+/// tensor its dimensions, first 4 sizes and strides, dtype, device, data pointer modulo 16 and
+/// gradient flag; then whether grad mode is on and libtorch's deterministic-algorithms flag.
+/// `None` for a tensor without data to point at (undefined, sparse, ...).
+pub(crate) fn sdpa_signature(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<[i64; SDPA_SIGNATURE]> {
+    let mut sig = [0i64; SDPA_SIGNATURE];
+    // SAFETY: the tensor pointers are live for the call and only read; the shim writes at most
+    // SDPA_SIGNATURE values and throws nothing.
+    let rc = unsafe { attn_sdpa_signature(q.as_ptr(), k.as_ptr(), v.as_ptr(), sig.as_mut_ptr()) };
+    (rc == 0).then_some(sig)
 }
 
 /// `(out, logsumexp, rng_state, unused)` of `aten::_flash_attention_forward` on packed

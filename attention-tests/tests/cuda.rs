@@ -903,6 +903,15 @@ fn sdpa_cuda_backends_and_varlen() -> Result<()> {
             .map(|o| o.output)
             .map_err(anyhow::Error::from)
     })?;
+    // Gradients of the input through the whole layer, for a weighting `w` of the output.
+    let w = Tensor::randn([128, 2, 256], (Kind::Float, GPU)).to_kind(Kind::BFloat16);
+    let input_grad = |s: &Stack| -> Result<Tensor> {
+        let xg = x.detach().set_requires_grad(true);
+        let out = s.layer(0)?.forward(&AttentionInput::new(&xg))?;
+        (out.output * &w).to_kind(Kind::Float).sum(Kind::Float).backward();
+        Ok(xg.grad())
+    };
+    let want_grad = input_grad(&reference)?;
     for (backend, reported) in [
         ("flash", "flash"),
         ("cudnn", "cudnn"),
@@ -920,6 +929,18 @@ fn sdpa_cuda_backends_and_varlen() -> Result<()> {
         }
         println!("sdpa-cuda backend {backend}: ran {ran:?}");
         assert_close(&out.output, &want, 2e-2, 2e-2, &format!("sdpa-cuda {backend}"))?;
+        // The same call again (libtorch's choice remembered; cuDNN then runs without it): the
+        // same kernel, the same bits.
+        let again = tch::no_grad(|| a.forward(&AttentionInput::new(&x)))?;
+        if !again.output.equal(&out.output) || a.core_attention().backend() != ran {
+            bail!("{backend}: a repeated call differs ({:?})", a.core_attention().backend());
+        }
+        // Gradients, twice (the choice with gradients is a new one, then remembered; backward
+        // kernels may add in any order, so not bit for bit).
+        for round in 0..2 {
+            let g = input_grad(&s)?;
+            assert_close(&g, &want_grad, 5e-2, 5e-2, &format!("sdpa-cuda {backend} grad {round}"))?;
+        }
     }
     // Packed sequences through varlen flash: each sequence as if alone, gradients too.
     let s = Stack::new(&sdpa_cuda("auto", "position_embedding_type = \"rope\""), Kind::BFloat16)?;

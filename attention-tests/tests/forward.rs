@@ -735,6 +735,85 @@ fn bad_core_attention_input_is_a_typed_error() -> Result<()> {
     Ok(())
 }
 
+/// `SdpaAttention::plain_call` (what `sdpa-cuda` runs its own way) names exactly the SDPA call
+/// the forward makes: that call on the permuted inputs is the forward's output bit for bit;
+/// calls the forward makes otherwise (a mask, a bias, training with max-logit tracking) get
+/// `None`, and input the forward rejects gets the forward's error.
+#[test]
+fn sdpa_plain_call_is_the_forward() -> Result<()> {
+    use anyhow::Context;
+    use attention_core::sdpa::SdpaAttention;
+    use attention_spec::module::AttentionType;
+    use attention_spec::module::CoreAttention;
+    use attention_spec::registry::{CoreAttentionArgs, Params};
+    for (mask_type, extra) in [
+        (AttnMaskType::Causal, "num_query_groups = 2"),
+        (AttnMaskType::NoMask, "num_query_groups = 4\nsoftmax_scale = 0.25"),
+        (AttnMaskType::Causal, "num_query_groups = 2\nqk_clip = true"),
+    ] {
+        let model =
+            Model::from_toml_str(&self_toml("sdpa", "causal", extra), attention_core::registry()?)?;
+        let vs = nn::VarStore::new(CPU);
+        let params = Params { table: toml::Table::new(), place: attention_spec::Place::root() };
+        let sdpa = SdpaAttention::new(&CoreAttentionArgs {
+            path: &vs.root(),
+            config: &model.config,
+            params: &params,
+            layer_number: 1,
+            attn_mask_type: mask_type,
+            attention_type: AttentionType::SelfAttention,
+        })?;
+        let ng = model.config.num_query_groups;
+        for sq in [5i64, 1] {
+            let (q, k, v) =
+                (randn(&[sq, 2, NH, HN]), randn(&[sq, 2, ng, HN]), randn(&[sq, 2, ng, HN]));
+            let input = CoreAttentionInput::new(&q, &k, &v, mask_type);
+            let call = sdpa.plain_call(&input)?.context("a plain call")?;
+            ensure!(call.causal == (mask_type == AttnMaskType::Causal && sq > 1), "causal flag");
+            ensure!(call.gqa == (ng != NH) && call.dropout == 0.0, "gqa, dropout");
+            let [qp, kp, vp] = [&q, &k, &v].map(|t| t.permute([1, 2, 0, 3]));
+            let out = Tensor::scaled_dot_product_attention(
+                &qp,
+                &kp,
+                &vp,
+                None::<Tensor>,
+                call.dropout,
+                call.causal,
+                call.scale,
+                call.gqa,
+            );
+            let out = out.permute([2, 0, 1, 3]).contiguous().view([sq, 2, NH * HN]);
+            ensure!(
+                out.equal(&sdpa.forward(&input)?),
+                "plain call != forward ({mask_type:?}, sq {sq})"
+            );
+            // Training: a plain call unless max logits are tracked.
+            let training = CoreAttentionInput { training: true, ..input };
+            ensure!(
+                sdpa.plain_call(&training)?.is_some() != model.config.qk_clip,
+                "training with qk_clip = {}",
+                model.config.qk_clip
+            );
+            let mask = Tensor::zeros([2, 1, sq, sq], (Kind::Bool, CPU));
+            let masked = CoreAttentionInput { attention_mask: Some(&mask), ..input };
+            ensure!(sdpa.plain_call(&masked)?.is_none(), "a mask");
+        }
+        if mask_type == AttnMaskType::Causal {
+            let (q, k) = (randn(&[4, 2, NH, HN]), randn(&[3, 2, ng, HN]));
+            let input = CoreAttentionInput::new(&q, &k, &k, mask_type);
+            assert_err!("causal sq != sk", sdpa.plain_call(&input), ForwardError::Invalid { .. });
+        }
+        let (q3, k) = (randn(&[4, 2, NH * HN]), randn(&[4, 2, ng, HN]));
+        let input = CoreAttentionInput::new(&q3, &k, &k, mask_type);
+        assert_err!(
+            "query rank 3",
+            sdpa.plain_call(&input),
+            ForwardError::Shape { name: "query", .. }
+        );
+    }
+    Ok(())
+}
+
 /// `get_query_key_value_tensors(x, false)` is the grouped projection `[sq, b, ng, (P+2)·hn]`
 /// with split sizes `[P·hn, hn, hn]`; with `true`, query `[sq, b, nh, hn]` and key/value
 /// `[sq, b, ng, hn]`, which are the split of the grouped projection.
