@@ -4,7 +4,10 @@
 //! * copy: a device-to-device copy, the bandwidth ceiling (bytes read + written);
 //! * prefill: forward and forward+backward TFLOP/s of the `sdpa-cuda` core attention (from
 //!   Megatron's `[s, b, h, d]` layout) against PyTorch SDPA's default backend on
-//!   `[B, S, H, D]` memory viewed `[B, H, S, D]`, B·S = 16k, H·D = 2048;
+//!   `[B, S, H, D]` memory viewed `[B, H, S, D]`, B·S = 16k, H·D = 2048, and against the
+//!   generic `sdpa` kind on the same inputs as ours;
+//! * prefill-short: the same for one sequence of 128 to 512 tokens (B = 1), where a call's
+//!   host work is as long as its kernel;
 //! * flash_decode: the fused static-cache decode step against SDPA decode on contiguous keys and
 //!   values (no rotary, no append), SDPA decode on the static cache's own memory, and the same
 //!   step done with libtorch ops (rotary, index copy, SDPA); bytes = keys + values read, q/o,
