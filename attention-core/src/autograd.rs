@@ -3,8 +3,8 @@
 //! tch cannot define autograd functions. This module reaches libtorch's
 //! `torch::autograd::Function` through a small C++ shim (`shim/shim.cpp`) whose forward and
 //! backward call back into Rust, so a [`Function`] written here takes part in libtorch's
-//! autograd like any built-in op. Selective recompute ([`checkpoint`]) and delayed weight
-//! gradients are built on it.
+//! autograd like any built-in op. Selective recompute
+//! ([`checkpoint`](crate::recompute::checkpoint)) and delayed weight gradients are built on it.
 //!
 //! Also here: [`accumulate_grad`] (`param.grad += g`), the default generators' states
 //! ([`rng_state`], [`set_rng_state`]) and the device caching allocator's statistics

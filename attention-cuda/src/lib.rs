@@ -32,6 +32,12 @@
 //! * `cuda` (off by default): the CUDA code. Without it the crate builds on any machine with no
 //!   CUDA toolkit, its kinds are still registered (so specs naming them resolve) but refuse to
 //!   build, and [`require_cuda`] returns [`Error::NotCompiledWithCuda`].
+// Without the feature the CUDA modules do not exist: their links above point here.
+#![cfg_attr(not(feature = "cuda"), doc = "")]
+#![cfg_attr(not(feature = "cuda"), doc = "[`decode::CudaFlashDecode`]: #feature-flags")]
+#![cfg_attr(not(feature = "cuda"), doc = "[`decode::CudaPagedAttention`]: #feature-flags")]
+#![cfg_attr(not(feature = "cuda"), doc = "[`graph::CudaGraph`]: #feature-flags")]
+#![cfg_attr(not(feature = "cuda"), doc = "[`runtime`]: #feature-flags")]
 
 use attention_spec::ForwardError;
 use tch::Device;

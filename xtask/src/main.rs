@@ -138,6 +138,16 @@ fn ci() -> Result<(), String> {
         "-D",
         "warnings",
     ]))?;
+    // The docs, with and without the CUDA code: every intra-doc link resolves (the workspace
+    // denies broken ones), so a default-feature build such as docs.rs's documents the crates.
+    run(cargo(&root).args(["doc", "--workspace", "--no-deps"]))?;
+    run(cargo(&root).args([
+        "doc",
+        "--workspace",
+        "--no-deps",
+        "--features",
+        "attention-cuda/cuda,attention-tests/cuda,attention-cli/cuda",
+    ]))?;
     for (krate, features) in FEATURE_MATRIX {
         run(cargo(&root).args(["check", "--package", krate, "--all-targets"]))?;
         for feature in *features {
