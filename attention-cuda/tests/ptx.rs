@@ -30,9 +30,18 @@ fn variants() -> Vec<Variant> {
     all
 }
 
+/// Bytes of spill stores an entry may have: none, except the head-dimension-128 builds of
+/// several row tiles, which ask for three resident blocks and pay for them with a few spilled
+/// values (`ATTN_MMA_BOUNDS_128` in the kernels: measured faster than two blocks unspilled);
+/// ptxas stored 120 (paged) and 160 (static) bytes when that was measured.
+fn allowed_spill(entry: &str) -> u32 {
+    if entry.ends_with("_128_mma") { 160 } else { 0 }
+}
+
 /// Compiles `v`, checks its entry points, then assembles the PTX with `ptxas` into `dir` and
-/// requires every entry to keep its registers (no spill stores to local memory: ptxas decides
-/// register budgets by its own heuristics, which a small kernel change can tip into spilling).
+/// requires every entry to keep its registers (no spill stores to local memory beyond
+/// `allowed_spill`: ptxas decides register budgets by its own heuristics, which a small kernel
+/// change can tip into spilling).
 fn check(arch: &'static str, v: Variant, ptxas: &Path, dir: &Path) -> Result<()> {
     let ptx = compile_ptx(arch, Some(v))?.to_src();
     let mut names = vec![format!("attn_combine_{}_{}", v.dtype, v.head_dim)];
@@ -81,8 +90,15 @@ fn check(arch: &'static str, v: Variant, ptxas: &Path, dir: &Path) -> Result<()>
     for line in log.lines() {
         if let Some(rest) = line.split("entry function '").nth(1) {
             entry = rest.split('\'').next().unwrap_or("");
-        } else if line.contains("spill stores") && !line.contains(" 0 bytes spill stores") {
-            spills.push(format!("{entry}: {}", line.trim()));
+        } else if line.contains("spill stores") {
+            let stored = line
+                .split(" bytes spill stores")
+                .next()
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<u32>().ok());
+            if stored.is_none_or(|n| n > allowed_spill(entry)) {
+                spills.push(format!("{entry}: {}", line.trim()));
+            }
         }
     }
     if !spills.is_empty() {

@@ -847,7 +847,9 @@ fn same_chain_results(
 }
 
 /// The attention kernels compile for this GPU without register spills, and the tensor-core
-/// kernels keep at least two blocks per multiprocessor (three for the decode build).
+/// kernels keep at least two blocks per multiprocessor (three for the decode build); the
+/// head-dimension-128 build of several row tiles keeps three for a few spilled values (at most
+/// 112 bytes of stack: `ATTN_MMA_BOUNDS_128` in the kernels, `allowed_spill` in tests/ptx.rs).
 #[test]
 fn kernels_fit_in_registers() -> Result<()> {
     use attention_cuda::runtime::{Tile, Variant, kernels};
@@ -864,14 +866,15 @@ fn kernels_fit_in_registers() -> Result<()> {
             let name = v.attend_name(paged);
             let f = k.function(&name, 128, smem)?;
             println!("{name}: {} registers, {} resident blocks", f.registers, f.resident);
-            if f.local_bytes != 0 {
+            let (want, local) = match (tile, head_dim) {
+                (Tile::TensorCores { rows: 16 }, _) => (3, 0),
+                (Tile::TensorCores { .. }, 128) => (3, 112),
+                (Tile::TensorCores { .. }, _) => (2, 0),
+                (Tile::CudaCores { .. }, _) => (1, 0),
+            };
+            if f.local_bytes > local {
                 bail!("{name} spills {} bytes per thread to local memory", f.local_bytes);
             }
-            let want = match tile {
-                Tile::TensorCores { rows: 16 } => 3,
-                Tile::TensorCores { .. } => 2,
-                Tile::CudaCores { .. } => 1,
-            };
             if f.resident < want {
                 bail!("{name}: only {} resident blocks", f.resident);
             }
