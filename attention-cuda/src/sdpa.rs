@@ -212,9 +212,9 @@ impl SdpaCuda {
     }
 
     /// What libtorch picks for this call's (permuted) inputs under the backend switches now
-    /// set: `_fused_sdp_choice`, asked again only for a new key, with `plain`'s causal flag,
-    /// scale and dropout (a masked call's choice is asked without its mask, and only reported).
-    /// Without a key (inputs without a signature) nothing is remembered.
+    /// set: `_fused_sdp_choice` with `plain`'s causal flag, scale and dropout (a masked call's
+    /// choice is asked without its mask, and only reported), remembered for `key` (inputs
+    /// without a signature have none: nothing is remembered).
     #[cfg(feature = "cuda")]
     fn choose(
         &self,
@@ -222,9 +222,6 @@ impl SdpaCuda {
         input: &CoreAttentionInput<'_>,
         plain: Option<attention_core::sdpa::PlainSdpa>,
     ) -> i64 {
-        if let Some((choice, _)) = key.as_ref().and_then(|k| self.remembered(k)) {
-            return choice;
-        }
         // [s, b, heads, hn] -> [b, heads, s, hn], as the inner kind calls libtorch.
         let [q, k, v] = [input.query, input.key, input.value].map(|t| t.permute([1, 2, 0, 3]));
         let choice = Tensor::f_internal_fused_sdp_choice(
@@ -380,19 +377,26 @@ impl CoreAttention for SdpaCuda {
                             || input.packed_seq_params.is_some(),
                     }
                 });
-            // The last call's inputs again, answered with cuDNN: its kernel directly, without
-            // the checks (passed for this signature), the switches or libtorch's choice.
-            if let Some((CUDNN, Some(call))) = key.as_ref().and_then(|k| self.remembered(k)) {
+            // The last call's inputs again: its checks passed and its call and choice stand.
+            // Answered with cuDNN, its kernel runs directly, without the switches or the choice.
+            let hit = key.as_ref().and_then(|k| self.remembered(k));
+            if let Some((CUDNN, Some(call))) = hit {
                 self.last.store(CUDNN, Ordering::Relaxed);
                 let (q, k, v) = (input.query, input.key, input.value);
                 return Ok(crate::shim::sdpa_sbhd(q, k, v, CUDNN, &call)?);
             }
-            let plain = self.inner.plain_call(&input)?;
+            let plain = match hit {
+                Some((_, plain)) => plain,
+                None => self.inner.plain_call(&input)?,
+            };
             let switches = self.backend.switches();
             let _guard = SWITCHES.lock().unwrap_or_else(|p| p.into_inner());
             let previous = crate::shim::sdp_backends();
             crate::shim::set_sdp_backends(switches);
-            let choice = self.choose(key, &input, plain);
+            let choice = match hit {
+                Some((choice, _)) => choice,
+                None => self.choose(key, &input, plain),
+            };
             self.last.store(choice, Ordering::Relaxed);
             let out = match &plain {
                 Some(call) => {
