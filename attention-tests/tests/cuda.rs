@@ -389,13 +389,16 @@ fn kernel_paths_agree_and_are_deterministic() -> Result<()> {
                 2e-2,
                 &format!("{what}: paged, tensor vs CUDA cores"),
             )?;
-            assert_close(
-                &tc.1,
-                &cc.1,
-                2e-2,
-                2e-2,
-                &format!("{what}: static, tensor vs CUDA cores"),
-            )?;
+            for (t, c) in tc.1.iter().zip(&cc.1) {
+                let heads = t.size()[2] / hd;
+                assert_close(
+                    t,
+                    c,
+                    2e-2,
+                    2e-2,
+                    &format!("{what}: static with {heads} query heads, tensor vs CUDA cores"),
+                )?;
+            }
         }
     }
     // The CUDA-core builds the tensor cores do not cover: fp32, and head dimension 256.
@@ -414,10 +417,12 @@ fn repeats() -> usize {
     std::env::var("ATTENTION_TEST_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(30).max(2)
 }
 
-/// Runs one paged step (a decode, a chunk, a prompt) and one static decode step `repeats()`
+/// Runs one paged step (a decode, a chunk, a prompt) and two static decode steps `repeats()`
 /// times on each of `paths`; every run must equal the first bitwise (outputs and appended cache
-/// rows). Returns each path's (paged, static) output.
-fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tensor, Tensor)>> {
+/// rows). The static steps have 4 and 48 query heads per key/value head: the one-row-tile
+/// build and, past 16 (token, head) pairs a block, the several-row-tile one. Returns each
+/// path's paged output and static outputs.
+fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tensor, Vec<Tensor>)>> {
     use attention_core::inference::{RotaryCosSin, StaticDecodeStep};
     use attention_cuda::decode::CudaPagedAttention;
     use attention_spec::AttnMaskType;
@@ -441,19 +446,24 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
     let cu = Tensor::from_slice(&cu).to_device(GPU);
     let lens = Tensor::from_slice(&lens).to_device(GPU);
     let slots = Tensor::zeros([t], (Kind::Int64, GPU));
-    // Static cache [max_seq, batch, hkv, hd]: 3 rows decoding at offsets 3000, 17, 700.
+    // Static caches [max_seq, batch, hkv, hd]: 3 rows decoding at offsets 3000, 17, 700.
     let (max_seq, b) = (3100i64, 3i64);
-    let kcs = Tensor::randn([max_seq, b, hkv, hd], (kind, GPU));
-    let vcs = Tensor::randn([max_seq, b, hkv, hd], (kind, GPU));
     let offsets = Tensor::from_slice(&[3000i32, 17, 700]).to_device(GPU);
     let freqs = Tensor::rand([max_seq, hd / 2], (Kind::Float, GPU)) * 100.0;
     let (cos, sin) = (freqs.cos(), freqs.sin());
-    let (qs, ks, vs) = (
-        Tensor::randn([1, b, hq, hd], (kind, GPU)),
-        Tensor::randn([1, b, hkv, hd], (kind, GPU)),
-        Tensor::randn([1, b, hkv, hd], (kind, GPU)),
-    );
-    let mut per_path: Vec<(Tensor, Tensor)> = Vec::new();
+    let statics: Vec<[Tensor; 5]> = [(hq, hkv), (48, 1)]
+        .iter()
+        .map(|&(sq, skv)| {
+            [
+                Tensor::randn([max_seq, b, skv, hd], (kind, GPU)),
+                Tensor::randn([max_seq, b, skv, hd], (kind, GPU)),
+                Tensor::randn([1, b, sq, hd], (kind, GPU)),
+                Tensor::randn([1, b, skv, hd], (kind, GPU)),
+                Tensor::randn([1, b, skv, hd], (kind, GPU)),
+            ]
+        })
+        .collect();
+    let mut per_path: Vec<(Tensor, Vec<Tensor>)> = Vec::new();
     for &path in paths {
         let kernel = CudaPagedAttention::new(0.125).with_path(path);
         let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
@@ -488,35 +498,39 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
             }
         }
         let paged_out = first.as_ref().map(|f| f.0.shallow_clone()).context("no paged run")?;
-        let mut first: Option<(Tensor, Tensor)> = None;
-        for run in 0..repeats() {
-            let kr = kcs.copy();
-            let step = StaticDecodeStep {
-                query: &qs,
-                key: &ks,
-                value: &vs,
-                key_cache: &kr,
-                value_cache: &vcs,
-                batch_offset: 0,
-                sequence_offsets: &offsets,
-                max_sequence_offset: None,
-                rotary: Some(RotaryCosSin { cos: &cos, sin: &sin, interleaved: false }),
-                softmax_scale: 0.125,
-            };
-            let out = CudaFlashDecode::with_path(path).run(&step)?;
-            match &first {
-                None => first = Some((out, kr)),
-                Some((o, k1)) => {
-                    if !out.equal(o) || !kr.equal(k1) {
-                        bail!(
-                            "{kind:?} hd {hd} {path:?} run {run}: static output or keys differ from run 0"
-                        );
+        let mut static_outs = Vec::new();
+        for [kcs, vcs, qs, ks, vs] in &statics {
+            let heads = qs.size()[2];
+            let mut first: Option<(Tensor, Tensor)> = None;
+            for run in 0..repeats() {
+                let kr = kcs.copy();
+                let step = StaticDecodeStep {
+                    query: qs,
+                    key: ks,
+                    value: vs,
+                    key_cache: &kr,
+                    value_cache: vcs,
+                    batch_offset: 0,
+                    sequence_offsets: &offsets,
+                    max_sequence_offset: None,
+                    rotary: Some(RotaryCosSin { cos: &cos, sin: &sin, interleaved: false }),
+                    softmax_scale: 0.125,
+                };
+                let out = CudaFlashDecode::with_path(path).run(&step)?;
+                match &first {
+                    None => first = Some((out, kr)),
+                    Some((o, k1)) => {
+                        if !out.equal(o) || !kr.equal(k1) {
+                            bail!(
+                                "{kind:?} hd {hd} {path:?} {heads} heads run {run}: static output or keys differ from run 0"
+                            );
+                        }
                     }
                 }
             }
+            static_outs.push(first.map(|f| f.0).context("no static run")?);
         }
-        let static_out = first.map(|f| f.0).context("no static run")?;
-        per_path.push((paged_out, static_out));
+        per_path.push((paged_out, static_outs));
     }
     Ok(per_path)
 }
