@@ -17,9 +17,9 @@ fn main() -> anyhow::Result<()> {
     use attention_cuda::runtime::{Tile, Variant, compile_cubin};
 
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [dtype, head_dim, tile, out] = <[String; 4]>::try_from(args).ok().context(
-        "usage: cubin DTYPE(bf16|f16|f32) HEAD_DIM TILE(mma16|mma|mma128|p1|p2|p4|p8) OUT",
-    )?;
+    let [dtype, head_dim, tile, out] = <[String; 4]>::try_from(args)
+        .ok()
+        .context("usage: cubin DTYPE(bf16|f16|f32) HEAD_DIM TILE(mma16|mma|p1|p2|p4|p8) OUT")?;
     let dtype = match dtype.as_str() {
         "bf16" => "bf16",
         "f16" => "f16",
@@ -30,10 +30,9 @@ fn main() -> anyhow::Result<()> {
     let tile = match tile.as_str() {
         "mma16" => Tile::TensorCores { rows: 16 },
         "mma" => Tile::TensorCores { rows: 64 },
-        "mma128" => Tile::TensorCores { rows: 128 },
         p => match p.strip_prefix('p').map(str::parse::<i64>) {
             Some(Ok(pairs)) => Tile::CudaCores { pairs },
-            _ => bail!("tile {p:?}: mma16, mma, mma128 or p1, p2, p4, p8"),
+            _ => bail!("tile {p:?}: mma16, mma or p1, p2, p4, p8"),
         },
     };
     let variant = Variant { dtype, head_dim, tile };

@@ -751,17 +751,15 @@ template <> struct Mma<__half> {
   }
 };
 
-// Keys per shared-memory stage of the tensor-core kernel, the most rows of a block of one row
-// tile a warp, and of the paged prefill build (two row tiles a warp).
+// Keys per shared-memory stage of the tensor-core kernel, and the most rows of a block.
 constexpr int MMA_KT = 64;
 constexpr int MMA_ROWS = 64;
-constexpr int MMA_ROWS_WIDE = 128;
 
 // GPB > 1 (the static decode build, MW = 1): the block serves GPB neighbouring key/value heads
 // g, g + 1, ... of its row, whose query heads are its pairs (h0 = g x group, nh = GPB x group);
 // each key tile holds KT / GPB positions of every head, warp w attends to head w / (KW / GPB),
 // and a row's partial results from the other heads' warps are dropped in the merge.
-template <typename T, int HD, int MW, bool PAGED, int GPB = 1, int MT = 1>
+template <typename T, int HD, int MW, bool PAGED, int GPB = 1>
 __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0, int lq, int cached, int t0, int ntok,
                                                 int g, int split, int h0, int nh, bool owner) {
   constexpr int VEC = 8;          // 16-bit elements per 16-byte vector
@@ -770,7 +768,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   constexpr int KT = MMA_KT;
   constexpr int KW = WARPS / MW;  // warps splitting each key tile
   constexpr int KPW = KT / KW;    // keys per warp per stage (16, 32 or 64)
-  constexpr int ROWS = 16 * MW * MT;  // (token, head) pairs per block (MT 16-row tiles a warp)
+  constexpr int ROWS = 16 * MW;   // (token, head) pairs per block
   constexpr int KS = HD / 16;     // k-steps of the scores
   constexpr int NT = HD / 8;      // n-tiles of the output
   constexpr int AROW = HD + 4;    // fp32 merge row (padded)
@@ -778,8 +776,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   constexpr int WPG = KW / GPB;   // warps per head
   static_assert(sizeof(T) == 2 && HD % 16 == 0 && KPW % 16 == 0, "tile shape");
   static_assert(GPB == 1 || (MW == 1 && !PAGED && KW % GPB == 0), "several heads per block: static decode only");
-  static_assert(KT == MMA_KT && ROWS <= MMA_ROWS_WIDE, "tile shape");
-  static_assert(MT == 1 || (MW == WARPS && GPB == 1), "two row tiles a warp: every warp sees every key");
+  static_assert(KT == MMA_KT && ROWS <= MMA_ROWS, "tile shape");
   extern __shared__ __align__(16) unsigned char smem[];
   T* sk_buf = reinterpret_cast<T*>(smem);  // [2][KT][ROW]
   T* sv_buf = sk_buf + 2 * KT * ROW;       // [2][KT][ROW]
@@ -787,8 +784,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   // before it is loaded); a single row tile (decode) keeps them in a region of their own and
   // reads its fragments per chunk, which saves the registers of one more resident block.
   // The fp32 new key of the static cache lives past both.
-  constexpr bool QREG = MW > 1 && MT == 1;
-  constexpr int QROWS = QREG ? 16 : ROWS;  // rows of the queries' own region
+  constexpr bool QREG = MW > 1;
   constexpr int STAGES_BYTES = 4 * KT * ROW * 2;
   constexpr int MERGE_BYTES = (KW * ROWS * AROW + 2 * KW * ROWS) * 4;
   constexpr int FRONT = STAGES_BYTES > MERGE_BYTES ? STAGES_BYTES : MERGE_BYTES;
@@ -796,7 +792,7 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   // fragment addresses immediate offsets (fewer registers in the key loop).
   using LQ = Rows<T, HD, QREG>;
   T* sq = QREG ? sk_buf + KT * ROW : reinterpret_cast<T*>(smem + FRONT);  // [ROWS][LQ::ROW]
-  float* snew = reinterpret_cast<float*>(smem + FRONT + QROWS * (HD + VEC) * 2);
+  float* snew = reinterpret_cast<float*>(smem + FRONT + 16 * (HD + VEC) * 2);
   float* angles = snew + GPB * HD;  // the static cache's rotary cos [HD / 2], then sin [HD / 2]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -956,40 +952,30 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   }
 
   // The warp's query fragments: in registers for the whole key loop (QREG), or re-read from
-  // shared memory per chunk. Row tile i of the warp is rows (mw x MT + i) x 16 on.
+  // shared memory per chunk.
   const int gq = lane / 4, tq = lane % 4;
-  const int q_row = mw * MT * 16 + ((lane / 8) & 1) * 8 + lane % 8, q_chunk = lane / 16;
+  const int q_row = mw * 16 + ((lane / 8) & 1) * 8 + lane % 8, q_chunk = lane / 16;
   unsigned qa[QREG ? KS : 1][4];
   if (QREG) {
 #pragma unroll
     for (int ks = 0; ks < (QREG ? KS : 1); ++ks) ldsm_x4(qa[ks], sq + LQ::at(q_row, q_chunk + 2 * ks));
   }
   if (QREG) __syncthreads();  // every warp has its queries before stage 1 is overwritten
-  // Last key each of this thread's rows (gq, gq + 8 of each row tile) may see; -1 for padding
-  // rows.
-  int qlim[MT][2];
-  int wlim = -1;
+  // Last key each of this thread's two rows (gq, gq + 8) may see; -1 for padding rows.
+  int qlim[2];
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int pi = (mw * MT + i) * 16 + gq + 8 * h;
-      qlim[i][h] = pi < pairs ? cached + t0 + tok_of(pi) : -1;
-      wlim = max(wlim, qlim[i][h]);
-    }
+  for (int h = 0; h < 2; ++h) {
+    int pi = mw * 16 + gq + 8 * h;
+    qlim[h] = pi < pairs ? cached + t0 + tok_of(pi) : -1;
   }
+  int wlim = max(qlim[0], qlim[1]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) wlim = max(wlim, __shfl_xor_sync(0xffffffff, wlim, o));
 
-  float m[MT][2], l[MT][2];
-  float acc[MT][NT][4];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float acc[NT][4];
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
-    m[i][0] = m[i][1] = -INFINITY;
-    l[i][0] = l[i][1] = 0.f;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
-  }
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
   // ldmatrix row addresses: keys as the n dimension of the scores (non-transposed), keys as
   // the k dimension of the value product (transposed).
@@ -1010,10 +996,6 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     vfo[i] = opaque(L::at(v_row, v_chunk + 2 * i) * (unsigned)sizeof(T));
   }
   constexpr unsigned STEP4 = 8 * VEC * sizeof(T);  // bytes from k-step ks to ks + 4
-  // The queries' fragments in their own region (padded rows: immediate offsets per row tile
-  // and k-step).
-  const unsigned sqa = smem_addr(sq + LQ::at(q_row, q_chunk));
-  constexpr unsigned QTILE = 16 * LQ::ROW * sizeof(T);  // bytes from one row tile to the next
 
   for (int base = start, stage = 0; base < end; base += KP, stage ^= 1) {
     if (base + KP < end) {
@@ -1035,39 +1017,28 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
     if (kb0 < end && kb0 <= wlim) {  // warp-uniform: otherwise every key is masked
       const unsigned ska = smem_addr(sk_buf + (stage * KT + off) * ROW);
       const unsigned sva = smem_addr(sv_buf + (stage * KT + off) * ROW);
-      // 3b. Scores of the warp's rows against its keys (two n-tiles of 8 per chunk). The
-      //     k-steps are the outer loop so that the chunks' 2 x NC x MT accumulator chains
-      //     interleave (MMA latency is hidden), and each key fragment serves every row tile;
-      //     chunks past the last visible key cost a few MMAs and are masked below.
-      float s[MT][2 * NC][4];
+      // 3b. Scores of the warp's 16 rows against its keys (two n-tiles of 8 per chunk). The
+      //     k-steps are the outer loop so that the chunks' 2 x NC accumulator chains
+      //     interleave (MMA latency is hidden); chunks past the last visible key cost a few
+      //     MMAs and are masked below.
+      float s[2 * NC][4];
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2 * NC; ++j) s[i][j][0] = s[i][j][1] = s[i][j][2] = s[i][j][3] = 0.f;
-      }
+      for (int j = 0; j < 2 * NC; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        unsigned a[MT][4];
+        unsigned a[4];
+        if (QREG) {
 #pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          if (QREG) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) a[i][e] = qa[QREG ? ks : 0][e];
-          } else if (MT == 1) {
-            ldsm_x4(a[i], sq + LQ::at(q_row, q_chunk + 2 * ks));
-          } else {
-            ldsm_x4(a[i], sqa + i * QTILE + ks * 2 * VEC * (unsigned)sizeof(T));
-          }
+          for (int e = 0; e < 4; ++e) a[e] = qa[QREG ? ks : 0][e];
+        } else {
+          ldsm_x4(a, sq + LQ::at(q_row, q_chunk + 2 * ks));
         }
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
           unsigned b[4];
           ldsm_x4(b, ska + kfo[ks % FS] + (ks / FS) * STEP4 + c * CHUNKB);
-#pragma unroll
-          for (int i = 0; i < MT; ++i) {
-            Mma<T>::run(s[i][2 * c], a[i], b[0], b[1]);
-            Mma<T>::run(s[i][2 * c + 1], a[i], b[2], b[3]);
-          }
+          Mma<T>::run(s[2 * c], a, b[0], b[1]);
+          Mma<T>::run(s[2 * c + 1], a, b[2], b[3]);
         }
       }
       // 3c. Mask (only where the warp's keys pass the split's end or a row's last visible key;
@@ -1075,95 +1046,70 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
       //     row) in the log2 domain: the raw maximum times the scale (positive, checked by the
       //     host), probabilities exp2(s x scale - m) in one FMA each.
       const int klast = kb0 + KPW - 1;
-      bool inside = klast < end;
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) inside = inside && (qlim[i][h] < 0 || klast <= qlim[i][h]);
-      }
+      const bool inside = klast < end && (qlim[0] < 0 || klast <= qlim[0]) && (qlim[1] < 0 || klast <= qlim[1]);
       if (!__all_sync(0xffffffff, inside)) {
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-#pragma unroll
-          for (int j = 0; j < 2 * NC; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int key = kb0 + j * 8 + 2 * tq + (e & 1);
-              if (!(key < end && key <= qlim[i][e / 2])) s[i][j][e] = -INFINITY;
-            }
-          }
-        }
-      }
-      float cf[MT][2];  // each row's rescale factor
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int j = 0; j < 2 * NC; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[i][j][e]);
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
-          mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-          const float m_new = fmaxf(m[i][h], mx[h] * p.scale_log2);
-          const float ref = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
-          cf[i][h] = exp2f(m[i][h] - ref);
-          m[i][h] = m_new;
-          mx[h] = ref;
-        }
-        float rs[2] = {0.f, 0.f};
 #pragma unroll
         for (int j = 0; j < 2 * NC; ++j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[i][j][e] = exp2f(fmaf(s[i][j][e], p.scale_log2, -mx[e / 2]));
-            rs[e / 2] += s[i][j][e];
+            const int key = kb0 + j * 8 + 2 * tq + (e & 1);
+            if (!(key < end && key <= qlim[e / 2])) s[j][e] = -INFINITY;
           }
         }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) l[i][h] = l[i][h] * cf[i][h] + rs[h];
       }
-      // Once the maxima settle, every factor is exactly 1: skip the rescale.
-      bool rescale = false;
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int i = 0; i < MT; ++i) rescale = rescale || cf[i][0] != 1.f || cf[i][1] != 1.f;
-      if (__any_sync(0xffffffff, rescale)) {
+      for (int j = 0; j < 2 * NC; ++j) {
 #pragma unroll
-        for (int i = 0; i < MT; ++i) {
+        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
+      }
+      float corr[2];
 #pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            acc[i][n][0] *= cf[i][0];
-            acc[i][n][1] *= cf[i][0];
-            acc[i][n][2] *= cf[i][1];
-            acc[i][n][3] *= cf[i][1];
-          }
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+        const float m_new = fmaxf(m[h], mx[h] * p.scale_log2);
+        const float ref = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+        corr[h] = exp2f(m[h] - ref);
+        m[h] = m_new;
+        mx[h] = ref;
+      }
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 2 * NC; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = exp2f(fmaf(s[j][e], p.scale_log2, -mx[e / 2]));
+          rs[e / 2] += s[j][e];
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + rs[h];
+      // Once the maxima settle, corr is exactly 1 for every row: skip the rescale.
+      if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[n][0] *= corr[0];
+          acc[n][1] *= corr[0];
+          acc[n][2] *= corr[1];
+          acc[n][3] *= corr[1];
         }
       }
       // 3d. Probabilities as A fragments (the score layout of two n-tiles is the A layout of
-      //     one k-step), times the values; each value fragment serves every row tile.
+      //     one k-step), times the values.
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const int kb = kb0 + c * 16;
         if (kb < end && kb <= wlim) {  // warp-uniform: a fully masked chunk adds nothing
-          unsigned pa[MT][4];
-#pragma unroll
-          for (int i = 0; i < MT; ++i) {
-            pa[i][0] = Mma<T>::pack(s[i][2 * c][0], s[i][2 * c][1]);
-            pa[i][1] = Mma<T>::pack(s[i][2 * c][2], s[i][2 * c][3]);
-            pa[i][2] = Mma<T>::pack(s[i][2 * c + 1][0], s[i][2 * c + 1][1]);
-            pa[i][3] = Mma<T>::pack(s[i][2 * c + 1][2], s[i][2 * c + 1][3]);
-          }
+          const unsigned pa[4] = {Mma<T>::pack(s[2 * c][0], s[2 * c][1]), Mma<T>::pack(s[2 * c][2], s[2 * c][3]),
+                                  Mma<T>::pack(s[2 * c + 1][0], s[2 * c + 1][1]),
+                                  Mma<T>::pack(s[2 * c + 1][2], s[2 * c + 1][3])};
 #pragma unroll
           for (int dn = 0; dn < HD / 16; ++dn) {
             unsigned b[4];
             ldsm_x4_trans(b, sva + vfo[dn % FS] + (dn / FS) * STEP4 + c * CHUNKB);
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-              Mma<T>::run(acc[i][2 * dn], pa[i], b[0], b[1]);
-              Mma<T>::run(acc[i][2 * dn + 1], pa[i], b[2], b[3]);
-            }
+            Mma<T>::run(acc[2 * dn], pa, b[0], b[1]);
+            Mma<T>::run(acc[2 * dn + 1], pa, b[2], b[3]);
           }
         }
       }
@@ -1175,12 +1121,9 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   // 4. Merge the key slices (rows' maxima, sums and outputs through shared memory, reusing
   //    the stages), then write the output (one split) or the partial output and lse.
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      l[i][h] += __shfl_xor_sync(0xffffffff, l[i][h], 1);
-      l[i][h] += __shfl_xor_sync(0xffffffff, l[i][h], 2);
-    }
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
   }
   // (The key loop's last barrier, or the queries' where it ran no tile, ordered every read of
   // the stages before these writes.) Padding rows are not merged.
@@ -1188,25 +1131,21 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   float* mm = aa + KW * ROWS * AROW;           // [KW][ROWS]
   float* ll = mm + KW * ROWS;                  // [KW][ROWS]
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
+  for (int h = 0; h < 2; ++h) {
+    const int r = kw * ROWS + mw * 16 + gq + 8 * h;
+    if (mw * 16 + gq + 8 * h >= pairs) continue;
+    // Several heads per block: rows of another head's queries saw this warp's keys too; they
+    // leave the merge with nothing (maximum -inf, sum 0, zero output: whatever those scores
+    // were, even infinite, nothing of them reaches the row's own result).
+    const bool mine = GPB == 1 || (gq + 8 * h) / (pairs / GPB) == kw / WPG;
+    if (tq == 0) {
+      mm[r] = mine ? m[h] : -INFINITY;
+      ll[r] = mine ? l[h] : 0.f;
+    }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int pr = (mw * MT + i) * 16 + gq + 8 * h;
-      const int r = kw * ROWS + pr;
-      if (pr >= pairs) continue;
-      // Several heads per block: rows of another head's queries saw this warp's keys too; they
-      // leave the merge with nothing (maximum -inf, sum 0, zero output: whatever those scores
-      // were, even infinite, nothing of them reaches the row's own result).
-      const bool mine = GPB == 1 || (gq + 8 * h) / (pairs / GPB) == kw / WPG;
-      if (tq == 0) {
-        mm[r] = mine ? m[i][h] : -INFINITY;
-        ll[r] = mine ? l[i][h] : 0.f;
-      }
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const float2 o = mine ? make_float2(acc[i][n][2 * h], acc[i][n][2 * h + 1]) : make_float2(0.f, 0.f);
-        *reinterpret_cast<float2*>(aa + r * AROW + n * 8 + 2 * tq) = o;
-      }
+    for (int n = 0; n < NT; ++n) {
+      const float2 o = mine ? make_float2(acc[n][2 * h], acc[n][2 * h + 1]) : make_float2(0.f, 0.f);
+      *reinterpret_cast<float2*>(aa + r * AROW + n * 8 + 2 * tq) = o;
     }
   }
   __syncthreads();
@@ -1251,10 +1190,8 @@ __device__ void attend_mma(const Params& p) {
     attend_mma_rows<T, HD, 1, PAGED, GPB>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
   } else if (pairs <= 32) {
     attend_mma_rows<T, HD, 2, PAGED>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
-  } else if (MAXROWS <= MMA_ROWS || pairs <= MMA_ROWS) {
-    attend_mma_rows<T, HD, 4, PAGED>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
   } else {
-    attend_mma_rows<T, HD, 4, PAGED, 1, (MAXROWS > MMA_ROWS ? 2 : 1)>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
+    attend_mma_rows<T, HD, 4, PAGED>(p, row, q0, lq, cached, t0, ntok, g, split, h0, nh, owner);
   }
 }
 
@@ -1388,21 +1325,12 @@ __device__ void combine(const Params& p) {
 #define ATTN_MMA_BOUNDS_32 __launch_bounds__(THREADS, 1)
 #define ATTN_MMA_BOUNDS_64 __launch_bounds__(THREADS)
 #define ATTN_MMA_BOUNDS_128 __launch_bounds__(THREADS, 3)
-// The paged prefill build of two row tiles a warp (128 rows a block) asks for two resident
-// blocks (head dim 32: one, as above).
-#define ATTN_MMA_WIDE_BOUNDS(HD) ATTN_MMA_WIDE_BOUNDS_##HD
-#define ATTN_MMA_WIDE_BOUNDS_32 __launch_bounds__(THREADS, 1)
-#define ATTN_MMA_WIDE_BOUNDS_64 __launch_bounds__(THREADS, 2)
-#define ATTN_MMA_WIDE_BOUNDS_128 __launch_bounds__(THREADS, 2)
 #define ATTN_ATTEND_MMA(TNAME, T, HD)                                                                       \
   extern "C" __global__ void ATTN_MMA_BOUNDS(HD) attn_static_##TNAME##_##HD##_mma(Params p) {             \
     attend_mma<T, HD, false, MMA_ROWS>(p);                                                                 \
   }                                                                                                        \
   extern "C" __global__ void ATTN_MMA_BOUNDS(HD) attn_paged_##TNAME##_##HD##_mma(Params p) {              \
     attend_mma<T, HD, true, MMA_ROWS>(p);                                                                  \
-  }                                                                                                        \
-  extern "C" __global__ void ATTN_MMA_WIDE_BOUNDS(HD) attn_paged_##TNAME##_##HD##_mma128(Params p) {       \
-    attend_mma<T, HD, true, MMA_ROWS_WIDE>(p);                                                             \
   }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_static_##TNAME##_##HD##_mma16(Params p) { \
     attend_mma<T, HD, false, 16>(p);                                                                       \

@@ -9,10 +9,8 @@ use crate::runtime::{Tile, Variant, kernels};
 
 /// (token, head) pairs a block of the CUDA-core kernel keeps at most.
 pub(crate) const MAX_PAIRS: i64 = 8;
-/// (token, head) pairs a block of the tensor-core kernel keeps at most (`MMA_ROWS`), and a
-/// block of its paged prefill build, whose warps take two row tiles each (`MMA_ROWS_WIDE`).
+/// (token, head) pairs a block of the tensor-core kernel keeps at most (`MMA_ROWS`).
 const MMA_ROWS: i64 = 64;
-const MMA_ROWS_WIDE: i64 = 128;
 /// Keys per shared-memory stage of the tensor-core kernel (`MMA_KT`).
 const MMA_KT: i64 = 64;
 
@@ -365,33 +363,19 @@ pub(crate) fn launch(
         (heads_per_chunk, tokens_per_tile)
     };
     let (variant, max_pairs, kt, smem) = if use_tensor_cores(paged, path, kind, hd, &geo)? {
-        // Blocks of at most 16 pairs (decode) get the one-row-tile build; paged blocks of more
-        // than 64 (a prefill chunk of more than 64 / group tokens) at head dimension 64 or 128
-        // the build of two row tiles a warp, whose blocks hold up to 128 pairs.
-        let (h, t) = tiling(MMA_ROWS);
-        let rows = if h * t <= 16 {
-            16
-        } else if paged && hd >= 64 && {
-            let (h, t) = tiling(MMA_ROWS_WIDE);
-            h * t > MMA_ROWS
-        } {
-            MMA_ROWS_WIDE
-        } else {
-            MMA_ROWS
-        };
-        // Two stages of keys and values (the merge reuses them), the queries' region (16 rows,
-        // unused by the builds that keep their queries in registers, or the wide build's 128),
-        // then the static cache's fp32 new key and rotary angles.
+        // Two stages of keys and values (the merge reuses them), one row tile of queries, then
+        // the static cache's fp32 new key and rotary angles.
         // Key/value rows of at least 8 16-byte chunks are swizzled, narrower ones padded
-        // (`Rows`); the queries' own rows are padded.
+        // (`Rows`); the decode build's own query rows are padded.
         let row = if hd / vec >= 8 { hd } else { hd + vec };
         let stages = 4 * MMA_KT * row * elt;
-        let merge_rows = rows.max(MMA_ROWS);
-        let merge = (merge_rows * (hd + 4) + 2 * merge_rows) * 4;
-        let q_rows = if rows == MMA_ROWS_WIDE { rows } else { 16 };
-        let smem = stages.max(merge) + q_rows * (hd + vec) * elt + 2 * hd * 4;
+        let merge = (MMA_ROWS * (hd + 4) + 2 * MMA_ROWS) * 4;
+        let smem = stages.max(merge) + 16 * (hd + vec) * elt + 2 * hd * 4;
+        // Blocks of at most 16 pairs (decode) get the one-row-tile build.
+        let (h, t) = tiling(MMA_ROWS);
+        let rows = if h * t <= 16 { 16 } else { MMA_ROWS };
         let variant = Variant { dtype: name, head_dim: hd, tile: Tile::TensorCores { rows } };
-        (variant, rows.max(MMA_ROWS), MMA_KT, smem)
+        (variant, MMA_ROWS, MMA_KT, smem)
     } else {
         let (h, t) = tiling(MAX_PAIRS);
         let pairs = ((t * h) as u64).next_power_of_two() as i64;

@@ -89,10 +89,9 @@ pub enum Tile {
         pairs: i64,
     },
     /// m16n8k16 MMAs on the tensor cores (bf16 and f16, head dimension 32, 64 or 128) for up
-    /// to `rows` pairs per block: 64, 16 (one row tile, fewer registers: decode), or 128 (the
-    /// paged cache's prefill build: two row tiles a warp). All three are one compilation.
+    /// to `rows` pairs per block: 64, or 16 (one row tile, fewer registers: decode).
     TensorCores {
-        /// 16, 64 or 128.
+        /// 16 or 64.
         rows: i64,
     },
 }
@@ -116,7 +115,6 @@ impl Variant {
         match self.tile {
             Tile::CudaCores { pairs } => format!("attn_{cache}_{dtype}_{hd}_p{pairs}"),
             Tile::TensorCores { rows: 16 } => format!("attn_{cache}_{dtype}_{hd}_mma16"),
-            Tile::TensorCores { rows: 128 } => format!("attn_{cache}_{dtype}_{hd}_mma128"),
             Tile::TensorCores { .. } => format!("attn_{cache}_{dtype}_{hd}_mma"),
         }
     }

@@ -33,17 +33,9 @@ fn variants() -> Vec<Variant> {
 /// Bytes of spill stores an entry may have: none, except the head-dimension-128 builds of
 /// several row tiles, which ask for three resident blocks and pay for them with a few spilled
 /// values (`ATTN_MMA_BOUNDS_128` in the kernels: measured faster than two blocks unspilled);
-/// ptxas stored 120 (paged) and 160 (static) bytes when that was measured; and its paged
-/// prefill build of two row tiles a warp, at 255 registers for two resident blocks (64 bytes:
-/// values its key tiles' copies reload, eight loads a tile a thread).
+/// ptxas stored 120 (paged) and 160 (static) bytes when that was measured.
 fn allowed_spill(entry: &str) -> u32 {
-    if entry.ends_with("_128_mma") {
-        160
-    } else if entry.ends_with("_128_mma128") {
-        64
-    } else {
-        0
-    }
+    if entry.ends_with("_128_mma") { 160 } else { 0 }
 }
 
 /// Compiles `v`, checks its entry points, then assembles the PTX with `ptxas` into `dir` and
@@ -58,12 +50,8 @@ fn check(arch: &'static str, v: Variant, ptxas: &Path, dir: &Path) -> Result<()>
         if let Tile::TensorCores { .. } = v.tile {
             let decode = Variant { tile: Tile::TensorCores { rows: 16 }, ..v };
             names.push(decode.attend_name(paged));
-            // Blocks of 2 and 4 key/value heads (static decode); the paged prefill build of
-            // two row tiles a warp.
-            if paged {
-                names
-                    .push(Variant { tile: Tile::TensorCores { rows: 128 }, ..v }.attend_name(true));
-            } else {
+            // Blocks of 2 and 4 key/value heads (static decode).
+            if !paged {
                 names.extend([2, 4].map(|g| format!("{}g{g}", decode.attend_name(false))));
             }
         }

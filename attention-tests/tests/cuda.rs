@@ -863,9 +863,7 @@ fn same_chain_results(
 /// The attention kernels compile for this GPU without register spills, and the tensor-core
 /// kernels keep at least two blocks per multiprocessor (three for the decode build); the
 /// head-dimension-128 build of several row tiles keeps three for a few spilled values (at most
-/// 112 bytes of stack: `ATTN_MMA_BOUNDS_128` in the kernels, `allowed_spill` in tests/ptx.rs),
-/// and the paged prefill build of two row tiles a warp two (at most 64 bytes at head
-/// dimension 128).
+/// 112 bytes of stack: `ATTN_MMA_BOUNDS_128` in the kernels, `allowed_spill` in tests/ptx.rs).
 #[test]
 fn kernels_fit_in_registers() -> Result<()> {
     use attention_cuda::runtime::{Tile, Variant, kernels};
@@ -873,23 +871,17 @@ fn kernels_fit_in_registers() -> Result<()> {
         ("bf16", 128, Tile::TensorCores { rows: 64 }, 73 * 1024),
         ("bf16", 128, Tile::TensorCores { rows: 16 }, 73 * 1024),
         ("bf16", 64, Tile::TensorCores { rows: 64 }, 40 * 1024),
-        ("bf16", 128, Tile::TensorCores { rows: 128 }, 102 * 1024),
-        ("bf16", 64, Tile::TensorCores { rows: 128 }, 54 * 1024),
         ("bf16", 128, Tile::CudaCores { pairs: 8 }, 40 * 1024),
         ("f32", 256, Tile::CudaCores { pairs: 8 }, 80 * 1024),
     ] {
         let v = Variant { dtype, head_dim, tile };
         let k = kernels(0, v)?;
-        // (The wide build is paged only.)
-        let caches: &[bool] =
-            if tile == (Tile::TensorCores { rows: 128 }) { &[true] } else { &[false, true] };
-        for &paged in caches {
+        for paged in [false, true] {
             let name = v.attend_name(paged);
             let f = k.function(&name, 128, smem)?;
             println!("{name}: {} registers, {} resident blocks", f.registers, f.resident);
             let (want, local) = match (tile, head_dim) {
                 (Tile::TensorCores { rows: 16 }, _) => (3, 0),
-                (Tile::TensorCores { rows: 128 }, 128) => (2, 64),
                 (Tile::TensorCores { .. }, 128) => (3, 112),
                 (Tile::TensorCores { .. }, _) => (2, 0),
                 (Tile::CudaCores { .. }, _) => (1, 0),
