@@ -751,6 +751,10 @@ template <> struct Mma<__half> {
   }
 };
 
+// How far (log2) a tile's maximum score may pass a row's reference before the tensor-core
+// kernel moves the reference and rescales the row's outputs.
+constexpr float LAZY_RESCALE = 8.f;
+
 // Keys per shared-memory stage of the tensor-core kernel, and the most rows of a block.
 constexpr int MMA_KT = 64;
 constexpr int MMA_ROWS = 64;
@@ -1068,7 +1072,12 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h] * p.scale_log2);
+        // The row's reference (the maximum its probabilities are taken against) moves only
+        // when a score passes it by more than LAZY_RESCALE: probabilities stay below
+        // 2^LAZY_RESCALE (exact in fp32, rounded to the element type as before), and most
+        // tiles skip the rescale of the outputs.
+        const float cand = mx[h] * p.scale_log2;
+        const float m_new = cand > m[h] + LAZY_RESCALE ? cand : m[h];
         const float ref = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
         corr[h] = exp2f(m[h] - ref);
         m[h] = m_new;
