@@ -282,6 +282,11 @@ struct Rows {
 // so that masked keys never carry NaN into the value product. The trip count is a
 // compile-time constant, so the address arithmetic (block-table reads of the paged cache) of
 // all of a thread's copies is issued up front.
+// The fast paths a build of `load_kv_tile` compiles (a bit set; builds at their register limit
+// take fewer): cached tiles of evenly strided rows, cached tiles across pages, tiles of new
+// tokens.
+constexpr int COPY_STRIDED = 1, COPY_PAGES = 2, COPY_NEW = 4;
+
 template <typename T, int HD, int KT, typename L, int NTHREADS, bool PAGED, int FAST>
 __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int base, int end, int cached, int row,
                                              int g, int q0, const T* knew, const T* vnew, const T* kc,
@@ -293,13 +298,14 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
   constexpr int RPI = NTHREADS / (HD / VEC);
   static_assert(RPI >= 1 && NTHREADS % (HD / VEC) == 0, "tile copy shape");
   const int j0 = threadIdx.x / (HD / VEC), c0 = (threadIdx.x % (HD / VEC)) * VEC;
-  // Fast paths (FAST 1: strided rows only, 2: also tiles across pages): every key of the tile
-  // is cached, so no copy needs a bounds check, and where the source rows are evenly strided
-  // (the static cache, a tile on one page) each copy costs one address add instead of the
-  // per-row offset and block-table arithmetic. Builds at their register limit take FAST 0.
-  if (FAST > 0 && base + KT <= end && base + KT <= cached) {
+  // Fast paths (FAST, a set of COPY_*): every key of the tile is cached, so no copy needs a
+  // bounds check, and where the source rows are evenly strided (the static cache, a tile on
+  // one page) each copy costs one address add instead of the per-row offset and block-table
+  // arithmetic (COPY_PAGES: a tile across pages, that arithmetic without the checks); or
+  // (COPY_NEW) every key is one of the step's new tokens, strided rows of the inputs.
+  if ((FAST & (COPY_STRIDED | COPY_PAGES)) && base + KT <= end && base + KT <= cached) {
     const int bs = p.block_size;
-    if (!PAGED || ((bs & (bs - 1)) == 0 ? base & (bs - 1) : base % bs) + KT <= bs) {
+    if ((FAST & COPY_STRIDED) && (!PAGED || ((bs & (bs - 1)) == 0 ? base & (bs - 1) : base % bs) + KT <= bs)) {
       const long long off = cache_offset<PAGED>(p, row, g, base + j0, HD) + c0;
       const long long stride = PAGED ? (long long)RPI * p.hkv * HD : (long long)RPI * p.seq_stride;
 #pragma unroll
@@ -311,7 +317,7 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
       cp_async_commit();
       return;
     }
-    if (FAST == 2) {
+    if (FAST & COPY_PAGES) {
 #pragma unroll
       for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
         const int at = L::at(it * RPI + j0, c0 / VEC);
@@ -322,6 +328,20 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
       cp_async_commit();
       return;
     }
+  }
+  // Every key of the tile one of the step's new tokens (a prompt, a prefill chunk past its
+  // cached prefix), which the paged kernels read from the inputs: evenly strided rows.
+  if (PAGED && (FAST & COPY_NEW) && base >= cached && base + KT <= end) {
+    const long long off = ((long long)(q0 + base + j0 - cached) * p.hkv + g) * HD + c0;
+    const long long stride = (long long)RPI * p.hkv * HD;
+#pragma unroll
+    for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
+      const int at = L::at(it * RPI + j0, c0 / VEC);
+      cp_async16(sk + at, knew + (off + it * stride));
+      cp_async16(sv + at, vnew + (off + it * stride));
+    }
+    cp_async_commit();
+    return;
   }
 #pragma unroll
   for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
@@ -576,7 +596,7 @@ __device__ void attend(const Params& p) {
 
   // 3a. Issues the copies of key tile `base` into stage `st`.
   auto load_tile = [&](int base, int st) {
-    load_kv_tile<T, HD, KT, L, THREADS, PAGED, 2>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
+    load_kv_tile<T, HD, KT, L, THREADS, PAGED, COPY_STRIDED | COPY_PAGES>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
                                                  cached, row, g, q0, knew, vnew, kc, vc);
   };
 
@@ -860,13 +880,20 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
   const int end = min(limit, start + split_len);
   // (The static decode build copies with `StaticTiles`, the others with `load_kv_tile`.)
   constexpr bool STILES = MW == 1 && !PAGED;
+  // The copy paths of `load_kv_tile`: every cached one (decode); the paged builds of several
+  // row tiles also tiles of new tokens (a causal 4096-token paged prefill x1.08-1.11 on an
+  // H100), and tiles across pages except at head dimension 64, whose build spilled 16 bytes
+  // with them; the static ones, at their register limit, none.
+  constexpr int COPY = MW == 1  ? COPY_STRIDED | COPY_PAGES
+                       : PAGED ? COPY_STRIDED | COPY_NEW | (HD == 64 ? 0 : COPY_PAGES)
+                               : 0;
   StaticTiles<T, HD, KT, L, GPB> tiles;
   if (STILES) tiles.init(p, row, g, start, sk_buf);
   auto load_tile = [&](int base, int st) {
     if (STILES) {
       tiles.load(p, base, end, cached, st);
     } else {
-      load_kv_tile<T, HD, KT, L, THREADS, PAGED, MW == 1 ? 2 : PAGED ? 1 : 0>(
+      load_kv_tile<T, HD, KT, L, THREADS, PAGED, COPY>(
           p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end, cached, row, g, q0, knew, vnew, kc, vc);
     }
   };
