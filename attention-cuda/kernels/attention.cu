@@ -742,6 +742,16 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned a) {
 __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* ptr) { ldsm_x4(r, smem_addr(ptr)); }
 __device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* ptr) { ldsm_x4_trans(r, smem_addr(ptr)); }
 
+// 2^x by the hardware's approximation, results below 2^-126 flushed to zero: exp2f adds a
+// range check and two multiplies per call to keep those (a sixth of the key loop's
+// instructions in the several-row-tile build, for probabilities that vanish next to the row's
+// largest, at least 1).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // d += a (16x16, row-major fragment) * b (16x8, column-major fragment), fp32 accumulate.
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
@@ -1115,7 +1125,10 @@ __device__ __forceinline__ void attend_mma_rows(const Params& p, int row, int q0
       for (int j = 0; j < 2 * NC; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[j][e] = exp2f(fmaf(s[j][e], p.scale_log2, -mx[e / 2]));
+          // (The one-row-tile builds, bound by memory, keep exp2f and their registers; so
+          // does head dim 64, whose build of several row tiles spilled with exp2_ftz.)
+          const float x = fmaf(s[j][e], p.scale_log2, -mx[e / 2]);
+          s[j][e] = MW == 1 || HD == 64 ? exp2f(x) : exp2_ftz(x);
           rs[e / 2] += s[j][e];
         }
       }
