@@ -33,9 +33,10 @@ fn variants() -> Vec<Variant> {
 /// Bytes of spill stores an entry may have: none, except the head-dimension-128 builds of
 /// several row tiles, which ask for three resident blocks and pay for them with a few spilled
 /// values (`ATTN_MMA_BOUNDS_128` in the kernels: measured faster than two blocks unspilled);
-/// ptxas stored 120 (paged) and 160 (static) bytes when that was measured.
+/// ptxas stored 120 (paged) and 160 (static) bytes when that was measured, and 164 in the f16
+/// static build once the builds' probabilities were taken with `ex2.approx.ftz`.
 fn allowed_spill(entry: &str) -> u32 {
-    if entry.ends_with("_128_mma") { 160 } else { 0 }
+    if entry.ends_with("_128_mma") { 168 } else { 0 }
 }
 
 /// Compiles `v`, checks its entry points, then assembles the PTX with `ptxas` into `dir` and
