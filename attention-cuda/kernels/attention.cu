@@ -1366,9 +1366,10 @@ __device__ void combine(const Params& p) {
 // block (no occupancy target), without which ptxas capped its static build at 96 registers and
 // spilled 20 bytes; on head dim 64 the same statement costs a resident block, so it stays there.
 // Head dim 128 asks for three resident blocks: 168 registers and a few spilled values (72 bytes
-// of stack in the paged build, 112 in the static one) instead of 229 registers and two blocks;
-// with the extra warps to switch between, a causal 4096-token paged prefill ran 8% faster and
-// a mixed step's one call 0.87x the time of its two parts instead of 0.96x (H200, same-run A/B).
+// of stack in the paged build when measured, 80 since its copies of new tokens; 112 in the
+// static one) instead of 229 registers and two blocks; with the extra warps to switch between,
+// a causal 4096-token paged prefill ran 8% faster and a mixed step's one call 0.87x the time of
+// its two parts instead of 0.96x (H200, same-run A/B).
 // tests/ptx.rs holds these builds to that spill.
 #define ATTN_MMA_BOUNDS(HD) ATTN_MMA_BOUNDS_##HD
 #define ATTN_MMA_BOUNDS_32 __launch_bounds__(THREADS, 1)
