@@ -303,18 +303,21 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
   // one page) each copy costs one address add instead of the per-row offset and block-table
   // arithmetic (COPY_PAGES: a tile across pages, that arithmetic without the checks); or
   // (COPY_NEW) every key is one of the step's new tokens, strided rows of the inputs.
+  // The tile's rows from evenly strided sources: this thread's row it at off + it x stride.
+  auto strided = [&](const T* ks, const T* vs, long long off, long long stride) {
+#pragma unroll
+    for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
+      const int at = L::at(it * RPI + j0, c0 / VEC);
+      cp_async16(sk + at, ks + (off + it * stride));
+      cp_async16(sv + at, vs + (off + it * stride));
+    }
+    cp_async_commit();
+  };
   if ((FAST & (COPY_STRIDED | COPY_PAGES)) && base + KT <= end && base + KT <= cached) {
     const int bs = p.block_size;
     if ((FAST & COPY_STRIDED) && (!PAGED || ((bs & (bs - 1)) == 0 ? base & (bs - 1) : base % bs) + KT <= bs)) {
       const long long off = cache_offset<PAGED>(p, row, g, base + j0, HD) + c0;
-      const long long stride = PAGED ? (long long)RPI * p.hkv * HD : (long long)RPI * p.seq_stride;
-#pragma unroll
-      for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
-        const int at = L::at(it * RPI + j0, c0 / VEC);
-        cp_async16(sk + at, kc + (off + it * stride));
-        cp_async16(sv + at, vc + (off + it * stride));
-      }
-      cp_async_commit();
+      strided(kc, vc, off, PAGED ? (long long)RPI * p.hkv * HD : (long long)RPI * p.seq_stride);
       return;
     }
     if (FAST & COPY_PAGES) {
@@ -332,15 +335,7 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
   // Every key of the tile one of the step's new tokens (a prompt, a prefill chunk past its
   // cached prefix), which the paged kernels read from the inputs: evenly strided rows.
   if (PAGED && (FAST & COPY_NEW) && base >= cached && base + KT <= end) {
-    const long long off = ((long long)(q0 + base + j0 - cached) * p.hkv + g) * HD + c0;
-    const long long stride = (long long)RPI * p.hkv * HD;
-#pragma unroll
-    for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
-      const int at = L::at(it * RPI + j0, c0 / VEC);
-      cp_async16(sk + at, knew + (off + it * stride));
-      cp_async16(sv + at, vnew + (off + it * stride));
-    }
-    cp_async_commit();
+    strided(knew, vnew, ((long long)(q0 + base + j0 - cached) * p.hkv + g) * HD + c0, (long long)RPI * p.hkv * HD);
     return;
   }
 #pragma unroll
