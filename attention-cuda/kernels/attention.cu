@@ -304,12 +304,19 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
   // arithmetic (COPY_PAGES: a tile across pages, that arithmetic without the checks); or
   // (COPY_NEW) every key is one of the step's new tokens, strided rows of the inputs.
   // The tile's rows from evenly strided sources: this thread's row it at off + it x stride.
+  // Its destinations are two shared addresses plus immediates where its rows share row j0's
+  // swizzle (RPI a multiple of 8, or unswizzled rows), per-row offsets otherwise.
   auto strided = [&](const T* ks, const T* vs, long long off, long long stride) {
+    const unsigned dk = smem_addr(sk + L::at(j0, c0 / VEC)), dv = smem_addr(sv + L::at(j0, c0 / VEC));
+    const T* kr = ks + off;
+    const T* vr = vs + off;
 #pragma unroll
     for (int it = 0; it < CHUNKS / NTHREADS; ++it) {
-      const int at = L::at(it * RPI + j0, c0 / VEC);
-      cp_async16(sk + at, ks + (off + it * stride));
-      cp_async16(sv + at, vs + (off + it * stride));
+      const unsigned o = !L::SWIZZLED || RPI % 8 == 0
+                             ? (unsigned)(it * RPI * L::ROW * sizeof(T))
+                             : (unsigned)((L::at(it * RPI + j0, c0 / VEC) - L::at(j0, c0 / VEC)) * sizeof(T));
+      cp_async16_to(dk + o, kr + it * stride);
+      cp_async16_to(dv + o, vr + it * stride);
     }
     cp_async_commit();
   };
