@@ -274,6 +274,11 @@ struct Rows {
   }
 };
 
+// The fast paths a build of `load_kv_tile` compiles (a bit set; builds at their register limit
+// take fewer): cached tiles of evenly strided rows, cached tiles across pages, tiles of new
+// tokens.
+constexpr int COPY_STRIDED = 1, COPY_PAGES = 2, COPY_NEW = 4;
+
 // Copies key tile [base, base + KT) of (row, group g) into one shared-memory stage (rows laid
 // out by L, a Rows) and commits it as one cp.async group. Cached positions and the step's new
 // tokens (positions >= cached, read from the new-key/value inputs) go through cp.async (16
@@ -282,11 +287,6 @@ struct Rows {
 // so that masked keys never carry NaN into the value product. The trip count is a
 // compile-time constant, so the address arithmetic (block-table reads of the paged cache) of
 // all of a thread's copies is issued up front.
-// The fast paths a build of `load_kv_tile` compiles (a bit set; builds at their register limit
-// take fewer): cached tiles of evenly strided rows, cached tiles across pages, tiles of new
-// tokens.
-constexpr int COPY_STRIDED = 1, COPY_PAGES = 2, COPY_NEW = 4;
-
 template <typename T, int HD, int KT, typename L, int NTHREADS, bool PAGED, int FAST>
 __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int base, int end, int cached, int row,
                                              int g, int q0, const T* knew, const T* vnew, const T* kc,
@@ -298,11 +298,6 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
   constexpr int RPI = NTHREADS / (HD / VEC);
   static_assert(RPI >= 1 && NTHREADS % (HD / VEC) == 0, "tile copy shape");
   const int j0 = threadIdx.x / (HD / VEC), c0 = (threadIdx.x % (HD / VEC)) * VEC;
-  // Fast paths (FAST, a set of COPY_*): every key of the tile is cached, so no copy needs a
-  // bounds check, and where the source rows are evenly strided (the static cache, a tile on
-  // one page) each copy costs one address add instead of the per-row offset and block-table
-  // arithmetic (COPY_PAGES: a tile across pages, that arithmetic without the checks); or
-  // (COPY_NEW) every key is one of the step's new tokens, strided rows of the inputs.
   // The tile's rows from evenly strided sources: this thread's row it at off + it x stride.
   // Its destinations are two shared addresses plus immediates where its rows share row j0's
   // swizzle (RPI a multiple of 8, or unswizzled rows), per-row offsets otherwise.
@@ -320,6 +315,11 @@ __device__ __forceinline__ void load_kv_tile(const Params& p, T* sk, T* sv, int 
     }
     cp_async_commit();
   };
+  // Fast paths (FAST, a set of COPY_*): every key of the tile is cached, so no copy needs a
+  // bounds check, and where the source rows are evenly strided (the static cache, a tile on
+  // one page) each copy costs one address add instead of the per-row offset and block-table
+  // arithmetic (COPY_PAGES: a tile across pages, that arithmetic without the checks); or
+  // (COPY_NEW) every key is one of the step's new tokens, strided rows of the inputs.
   if ((FAST & (COPY_STRIDED | COPY_PAGES)) && base + KT <= end && base + KT <= cached) {
     const int bs = p.block_size;
     if ((FAST & COPY_STRIDED) && (!PAGED || ((bs & (bs - 1)) == 0 ? base & (bs - 1) : base % bs) + KT <= bs)) {
@@ -598,8 +598,8 @@ __device__ void attend(const Params& p) {
 
   // 3a. Issues the copies of key tile `base` into stage `st`.
   auto load_tile = [&](int base, int st) {
-    load_kv_tile<T, HD, KT, L, THREADS, PAGED, COPY_STRIDED | COPY_PAGES>(p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end,
-                                                 cached, row, g, q0, knew, vnew, kc, vc);
+    load_kv_tile<T, HD, KT, L, THREADS, PAGED, COPY_STRIDED | COPY_PAGES>(
+        p, sk_buf + st * KT * ROW, sv_buf + st * KT * ROW, base, end, cached, row, g, q0, knew, vnew, kc, vc);
   };
 
   // Lane = part * KPW + kk: the 8 lanes of a 16-byte shared-memory access phase read the same
