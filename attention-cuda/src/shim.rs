@@ -88,6 +88,17 @@ fn message(buf: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// Runs a shim call that returns 0 on success and otherwise writes its message (libtorch's
+/// exception) into the buffer it is given: `call(buffer, its length)`.
+fn checked(call: impl FnOnce(*mut c_char, i64) -> c_int) -> Result<(), Error> {
+    let mut err = [0u8; ERR_LEN];
+    if call(err.as_mut_ptr().cast(), ERR_LEN as i64) != 0 {
+        Err(Error::Torch(message(&err)))
+    } else {
+        Ok(())
+    }
+}
+
 /// libtorch's current CUDA stream on `device`.
 pub(crate) fn current_stream(device: usize) -> Result<*mut c_void, Error> {
     let mut err = [0u8; ERR_LEN];
@@ -136,27 +147,25 @@ pub(crate) fn sdpa_sbhd(
     call: &attention_core::sdpa::PlainSdpa,
 ) -> Result<Tensor, Error> {
     let mut out = std::ptr::null_mut();
-    let mut err = [0u8; ERR_LEN];
-    // SAFETY: the tensor pointers are live for the call and only read; the shim writes one new
-    // tensor.
-    let rc = unsafe {
-        attn_sdpa_sbhd(
-            q.as_ptr(),
-            k.as_ptr(),
-            v.as_ptr(),
-            backend,
-            call.dropout,
-            c_int::from(call.causal),
-            call.scale,
-            c_int::from(call.gqa),
-            &mut out,
-            err.as_mut_ptr().cast(),
-            ERR_LEN as i64,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Torch(message(&err)));
-    }
+    checked(|err, len| {
+        // SAFETY: the tensor pointers are live for the call and only read; the shim writes one
+        // new tensor.
+        unsafe {
+            attn_sdpa_sbhd(
+                q.as_ptr(),
+                k.as_ptr(),
+                v.as_ptr(),
+                backend,
+                call.dropout,
+                c_int::from(call.causal),
+                call.scale,
+                c_int::from(call.gqa),
+                &mut out,
+                err,
+                len,
+            )
+        }
+    })?;
     Ok(adopt(out))
 }
 
@@ -198,28 +207,26 @@ pub(crate) fn flash_varlen_forward(
         cu_k.shallow_clone(),
     );
     let mut outs = [std::ptr::null_mut(); 4];
-    let mut err = [0u8; ERR_LEN];
-    // SAFETY: every tensor pointer is live for the call; `outs` has room for 4 results.
-    let rc = unsafe {
-        attn_flash_varlen_fwd(
-            q.as_mut_ptr(),
-            k.as_mut_ptr(),
-            v.as_mut_ptr(),
-            cq.as_mut_ptr(),
-            ck.as_mut_ptr(),
-            max_q,
-            max_k,
-            dropout,
-            c_int::from(causal),
-            scale,
-            outs.as_mut_ptr(),
-            err.as_mut_ptr().cast(),
-            ERR_LEN as i64,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Torch(message(&err)));
-    }
+    checked(|err, len| {
+        // SAFETY: every tensor pointer is live for the call; `outs` has room for 4 results.
+        unsafe {
+            attn_flash_varlen_fwd(
+                q.as_mut_ptr(),
+                k.as_mut_ptr(),
+                v.as_mut_ptr(),
+                cq.as_mut_ptr(),
+                ck.as_mut_ptr(),
+                max_q,
+                max_k,
+                dropout,
+                c_int::from(causal),
+                scale,
+                outs.as_mut_ptr(),
+                err,
+                len,
+            )
+        }
+    })?;
     Ok(outs.map(adopt))
 }
 
@@ -243,35 +250,34 @@ pub(crate) fn flash_varlen_backward(
         .map(|t| t.shallow_clone())
         .collect();
     let mut grads = [std::ptr::null_mut(); 3];
-    let mut err = [0u8; ERR_LEN];
     let p: Vec<*mut C_tensor> = t.iter_mut().map(Tensor::as_mut_ptr).collect();
-    // SAFETY: every tensor pointer is live for the call (kept by `t`); `grads` has room for 3.
-    let rc = unsafe {
-        attn_flash_varlen_bwd(
-            p[0],
-            p[1],
-            p[2],
-            p[3],
-            p[4],
-            p[5],
-            p[6],
-            p[7],
-            max_q,
-            max_k,
-            dropout,
-            c_int::from(causal),
-            p[8],
-            p[9],
-            scale,
-            grads.as_mut_ptr(),
-            err.as_mut_ptr().cast(),
-            ERR_LEN as i64,
-        )
-    };
+    let done = checked(|err, len| {
+        // SAFETY: every tensor pointer is live for the call (kept by `t`); `grads` has room for 3.
+        unsafe {
+            attn_flash_varlen_bwd(
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                p[4],
+                p[5],
+                p[6],
+                p[7],
+                max_q,
+                max_k,
+                dropout,
+                c_int::from(causal),
+                p[8],
+                p[9],
+                scale,
+                grads.as_mut_ptr(),
+                err,
+                len,
+            )
+        }
+    });
     drop(t);
-    if rc != 0 {
-        return Err(Error::Torch(message(&err)));
-    }
+    done?;
     Ok(grads.map(adopt))
 }
 
@@ -294,19 +300,15 @@ impl RawGraph {
 
     /// Ends the capture and restores the previous stream (also when ending fails).
     pub(crate) fn end(&mut self) -> Result<(), Error> {
-        let mut err = [0u8; ERR_LEN];
         // SAFETY: self.0 is a live graph from `begin`.
-        let rc = unsafe { attn_graph_end(self.0, err.as_mut_ptr().cast(), ERR_LEN as i64) };
-        if rc != 0 { Err(Error::Torch(message(&err))) } else { Ok(()) }
+        checked(|err, len| unsafe { attn_graph_end(self.0, err, len) })
     }
 
     /// Replays the captured work.
     pub(crate) fn replay(&self) -> Result<(), Error> {
-        let mut err = [0u8; ERR_LEN];
         // SAFETY: self.0 is a live graph; replaying an unfinished capture is an error libtorch
         // reports as an exception, which the shim returns.
-        let rc = unsafe { attn_graph_replay(self.0, err.as_mut_ptr().cast(), ERR_LEN as i64) };
-        if rc != 0 { Err(Error::Torch(message(&err))) } else { Ok(()) }
+        checked(|err, len| unsafe { attn_graph_replay(self.0, err, len) })
     }
 }
 
