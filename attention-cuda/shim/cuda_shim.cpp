@@ -117,11 +117,15 @@ int attn_sdpa_sbhd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v
 }
 
 // What libtorch's SDPA backend choice depends on in q, k and v, in one call: for each tensor
-// 13 values (dimensions, the first 4 sizes and strides (-1 past the last), dtype, device type,
+// 14 values (dimensions, the first 4 sizes and strides (-1 past the last), dtype, device type,
 // device index, data pointer modulo 16, requires_grad), then grad mode and the
-// deterministic-algorithms flag (SDPA_SIGNATURE values in src/shim.rs). 1 where a tensor has no
-// data pointer or sizes to read (undefined, sparse, nested, ...).
-int attn_sdpa_signature(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int64_t* sig) {
+// deterministic-algorithms flag: 44 values (SDPA_SIGNATURE in src/shim.rs), written only where
+// `cap` holds them all. 0: written; 1: a tensor has no data pointer or sizes to read
+// (undefined, sparse, nested, ...); 2: `cap` is too small (nothing written).
+int attn_sdpa_signature(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int64_t* sig,
+                        int64_t cap) {
+  constexpr int64_t per_tensor = 14, values = 3 * per_tensor + 2;
+  if (cap < values) return 2;
   try {
     int64_t* o = sig;
     for (const at::Tensor* t : {q, k, v}) {
@@ -138,7 +142,7 @@ int attn_sdpa_signature(const at::Tensor* q, const at::Tensor* k, const at::Tens
     }
     *o++ = c10::GradMode::is_enabled() ? 1 : 0;
     *o++ = at::globalContext().deterministicAlgorithms() ? 1 : 0;
-    return 0;
+    return o - sig == values ? 0 : 1;
   } catch (const std::exception&) {
     return 1;
   }

@@ -71,6 +71,7 @@ unsafe extern "C" {
         k: *const C_tensor,
         v: *const C_tensor,
         sig: *mut i64,
+        cap: i64,
     ) -> c_int;
 }
 
@@ -169,19 +170,27 @@ pub(crate) fn sdpa_sbhd(
     Ok(adopt(out))
 }
 
-/// Values of [`sdpa_signature`].
-pub(crate) const SDPA_SIGNATURE: usize = 3 * 13 + 2;
+/// Values of [`sdpa_signature`]: 14 per tensor, then two flags.
+pub(crate) const SDPA_SIGNATURE: usize = 3 * 14 + 2;
 
 /// What libtorch's SDPA backend choice depends on in `q`, `k` and `v`, read in one call: per
-/// tensor its dimensions, first 4 sizes and strides, dtype, device, data pointer modulo 16 and
-/// gradient flag; then whether grad mode is on and libtorch's deterministic-algorithms flag.
-/// `None` for a tensor without data to point at (undefined, sparse, ...).
+/// tensor its dimensions, first 4 sizes and strides, dtype, device type and index, data
+/// pointer modulo 16 and gradient flag; then whether grad mode is on and libtorch's
+/// deterministic-algorithms flag. `None` for a tensor without data to point at (undefined,
+/// sparse, ...).
 pub(crate) fn sdpa_signature(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<[i64; SDPA_SIGNATURE]> {
     let mut sig = [0i64; SDPA_SIGNATURE];
-    // SAFETY: the tensor pointers are live for the call and only read; the shim writes at most
-    // SDPA_SIGNATURE values and throws nothing.
-    let rc = unsafe { attn_sdpa_signature(q.as_ptr(), k.as_ptr(), v.as_ptr(), sig.as_mut_ptr()) };
-    (rc == 0).then_some(sig)
+    (signature_into(q, k, v, &mut sig) == 0).then_some(sig)
+}
+
+/// The shim's signature call into `sig`: 0 written, 1 unreadable tensor, 2 `sig` too short
+/// (nothing written).
+fn signature_into(q: &Tensor, k: &Tensor, v: &Tensor, sig: &mut [i64]) -> c_int {
+    // SAFETY: the tensor pointers are live for the call and only read; the shim writes only
+    // where `sig`'s length holds every value, and throws nothing.
+    unsafe {
+        attn_sdpa_signature(q.as_ptr(), k.as_ptr(), v.as_ptr(), sig.as_mut_ptr(), sig.len() as i64)
+    }
 }
 
 /// `(out, logsumexp, rng_state, unused)` of `aten::_flash_attention_forward` on packed
@@ -316,5 +325,34 @@ impl Drop for RawGraph {
     fn drop(&mut self) {
         // SAFETY: self.0 is a live graph, freed once.
         unsafe { attn_graph_free(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+
+    /// The signature fills exactly its SDPA_SIGNATURE values (a buffer one short is refused
+    /// and left as it was), and they read back as documented, on CPU tensors (no GPU needed).
+    #[test]
+    fn sdpa_signature_fills_its_buffer_exactly() {
+        let q = Tensor::zeros([6, 2, 4, 8], (Kind::BFloat16, Device::Cpu)).permute([1, 2, 0, 3]);
+        let k = Tensor::zeros([3, 5], (Kind::Float, Device::Cpu));
+        let v = Tensor::zeros([7], (Kind::Half, Device::Cpu));
+        let mut short = [-7i64; SDPA_SIGNATURE - 1];
+        assert_eq!(signature_into(&q, &k, &v, &mut short), 2);
+        assert!(short.iter().all(|&x| x == -7), "a refused call wrote {short:?}");
+        let sig = sdpa_signature(&q, &k, &v).expect("readable tensors");
+        // q: 4 dims, sizes and strides of the permuted view.
+        assert_eq!(&sig[..9], &[4, 2, 4, 6, 8, 32, 8, 64, 1]);
+        // k: 2 dims, the rest -1; v: 1 dim.
+        assert_eq!(&sig[14..23], &[2, 3, 5, -1, -1, 5, 1, -1, -1]);
+        assert_eq!(&sig[28..37], &[1, 7, -1, -1, -1, 1, -1, -1, -1]);
+        // Gradient flags off, grad mode on (the test thread's default).
+        assert_eq!([sig[13], sig[27], sig[41], sig[42]], [0, 0, 0, 1]);
+        let undefined = Tensor::new();
+        assert!(sdpa_signature(&q, &undefined, &v).is_none());
     }
 }
