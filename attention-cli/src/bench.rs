@@ -662,6 +662,7 @@ mod imp {
                         seqlens_k: &m.kv_len,
                         max_seqlen_q: 1,
                         max_seqlen_k: l,
+                        no_cached_keys: false,
                     };
                     let bytes = (2 * b * l * hkv * hd * 2
                         + 2 * b * hq * hd * 2
@@ -753,6 +754,7 @@ mod imp {
                 seqlens_k: lens,
                 max_seqlen_q: max_q,
                 max_seqlen_k: ld,
+                no_cached_keys: false,
             };
             let _ = kernel.run(&input, &pk)?;
             Ok(())
@@ -810,6 +812,7 @@ mod imp {
                 seqlens_k: &m.kv_len,
                 max_seqlen_q: s,
                 max_seqlen_k: s,
+                no_cached_keys: false,
             };
             let (qb, kb, vb) =
                 (q.view([1, s, hq, hd]), k.view([1, s, hkv, hd]), v.view([1, s, hkv, hd]));

@@ -142,6 +142,8 @@ pub struct StepMetadata {
     pub max_seqlen_q: i64,
     /// Longest key run.
     pub max_seqlen_k: i64,
+    /// No request of the step has cached keys (every one is a prompt's first chunk).
+    pub no_cached_keys: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -462,6 +464,7 @@ impl DynamicInferenceContext {
             cu_seqlens_k: t(&cumsum(&k_lens)),
             max_seqlen_q: q_lens.iter().copied().max().unwrap_or(0) as i64,
             max_seqlen_k: k_lens.iter().copied().max().unwrap_or(0) as i64,
+            no_cached_keys: plan.entries.iter().all(|e| e.start == 0),
             query_lengths: t(&q_lens),
             kv_seq_lengths: t(&k_lens),
             block_table: t(&table).reshape([n as i64, max_blocks as i64]),
@@ -594,6 +597,7 @@ impl InferenceContext for DynamicInferenceContext {
             seqlens_k: &meta.kv_seq_lengths,
             max_seqlen_q: meta.max_seqlen_q,
             max_seqlen_k: meta.max_seqlen_k,
+            no_cached_keys: meta.no_cached_keys,
         };
         self.paged.forward_paged(&input, &paged)
     }

@@ -155,6 +155,24 @@ impl CoreAttention for PagedAttention {
                 reason: format!("{cu_q:?} is not a cumulative split of {t} tokens"),
             });
         }
+        // Every request's lengths, before anything is written.
+        for (i, &lk) in lens_k.iter().enumerate() {
+            let lq = cu_q[i + 1] - cu_q[i];
+            if lk < lq || (lk + bs - 1) / bs > max_blocks {
+                return Err(ForwardError::Invalid {
+                    name: "seqlens_k",
+                    reason: format!(
+                        "request {i}: {lk} keys for {lq} queries with {max_blocks} blocks of {bs}"
+                    ),
+                });
+            }
+            if paged.no_cached_keys && lk != lq {
+                return Err(ForwardError::Invalid {
+                    name: "no_cached_keys",
+                    reason: format!("request {i} has {} cached keys", lk - lq),
+                });
+            }
+        }
         // 1. Append the new keys and values into their slots.
         tch::no_grad(|| -> Result<(), ForwardError> {
             let mut kf = paged.key_cache.f_view([nb * bs, ngp, hn])?;
@@ -169,14 +187,6 @@ impl CoreAttention for PagedAttention {
         for (i, &lk) in lens_k.iter().enumerate() {
             let (q0, lq) = (cu_q[i], cu_q[i + 1] - cu_q[i]);
             let nblk = (lk + bs - 1) / bs;
-            if lk < lq || nblk > max_blocks {
-                return Err(ForwardError::Invalid {
-                    name: "seqlens_k",
-                    reason: format!(
-                        "request {i}: {lk} keys for {lq} queries with {max_blocks} blocks of {bs}"
-                    ),
-                });
-            }
             if lq == 0 {
                 continue;
             }
@@ -232,5 +242,57 @@ inventory::submit! {
         summary: "reference flash_decode_and_prefill: varlen queries over a paged KV block table",
         registered_in: module_path!(),
         builder: Builder::CoreAttention(build),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use attention_spec::AttnMaskType;
+
+    use super::*;
+
+    /// Lengths that contradict the step (fewer keys than queries in the second request, or
+    /// cached keys under `no_cached_keys`) are refused before the append: the caches are
+    /// unchanged. The same step with true lengths runs.
+    #[test]
+    fn contradicting_lengths_leave_the_cache_unchanged() -> Result<(), ForwardError> {
+        let (nb, bs, ngp, np, hn) = (4, 4, 1, 2, 8);
+        let f = (Kind::Float, Device::Cpu);
+        let (kc, vc) = (Tensor::randn([nb, bs, ngp, hn], f), Tensor::randn([nb, bs, ngp, hn], f));
+        let (k0, v0) = (kc.copy(), vc.copy());
+        // Two requests of two new tokens, on blocks [0, 1] and [2, 3].
+        let q = Tensor::randn([4, 1, np, hn], f);
+        let (k, v) = (Tensor::randn([4, 1, ngp, hn], f), Tensor::randn([4, 1, ngp, hn], f));
+        let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
+        let slots = Tensor::from_slice(&[0i64, 1, 8, 9]);
+        let table = Tensor::from_slice(&[0i32, 1, 2, 3]).view([2, 2]);
+        let cu = Tensor::from_slice(&[0i32, 2, 4]);
+        let step = |lens: [i32; 2], no_cached_keys: bool| {
+            let lens = Tensor::from_slice(&lens);
+            let paged = PagedKv {
+                key_cache: &kc,
+                value_cache: &vc,
+                slot_mapping: &slots,
+                block_table: &table,
+                cu_seqlens_q: &cu,
+                seqlens_k: &lens,
+                max_seqlen_q: 2,
+                max_seqlen_k: 5,
+                no_cached_keys,
+            };
+            PagedAttention { scale: 0.5 }.forward_paged(&input, &paged)
+        };
+        for (lens, promise, field) in
+            [([5, 1], false, "seqlens_k"), ([5, 2], true, "no_cached_keys")]
+        {
+            match step(lens, promise) {
+                Err(ForwardError::Invalid { name, .. }) if name == field => {}
+                other => panic!("lengths {lens:?}, promise {promise}: {other:?}"),
+            }
+            assert!(kc.equal(&k0) && vc.equal(&v0), "a refused step wrote the cache");
+        }
+        let out = step([2, 2], true)?;
+        assert_eq!(out.size(), [4, 1, np * hn]);
+        Ok(())
     }
 }

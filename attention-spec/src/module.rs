@@ -299,4 +299,10 @@ pub struct PagedKv<'a> {
     pub max_seqlen_q: i64,
     /// Longest key run.
     pub max_seqlen_k: i64,
+    /// No request has keys cached before this step: each one's `seqlens_k` equals its query
+    /// tokens (the first chunk of a prompt). A promise from the host, which knows it, so a
+    /// kernel can attend over the step's own keys and values without reading the pages back;
+    /// implementations that read the lengths refuse a false one, others would leave the cached
+    /// keys out. `false` is always correct.
+    pub no_cached_keys: bool,
 }

@@ -480,6 +480,7 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
                 seqlens_k: &lens,
                 max_seqlen_q: 100,
                 max_seqlen_k: 3001,
+                no_cached_keys: false,
             };
             let out = kernel.run(&input, &pk)?;
             match &first {
@@ -579,6 +580,7 @@ fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
                 seqlens_k: &lens,
                 max_seqlen_q: 40,
                 max_seqlen_k: max_k,
+                no_cached_keys: false,
             };
             kernel.run(&input, &pk)
         };
@@ -650,6 +652,7 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
                 seqlens_k: &lens,
                 max_seqlen_q: 70,
                 max_seqlen_k: 1001,
+                no_cached_keys: false,
             };
             let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
             let out = CudaPagedAttention::new(0.125).with_path(path).run(&input, &pk)?;
@@ -833,6 +836,7 @@ fn programmatic_launches_equal_serial_ones() -> Result<()> {
                 seqlens_k: &lens,
                 max_seqlen_q: 1,
                 max_seqlen_k: len,
+                no_cached_keys: false,
             };
             let input = CoreAttentionInput::new(&x, &x, &x, AttnMaskType::Causal);
             x = kernel.run(&input, &pk)?.view([n, 1, h, hd]);
