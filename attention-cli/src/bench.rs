@@ -17,7 +17,8 @@
 //! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
 //! * mixed step: 64 decode requests plus one 2048-token prefill chunk in one call, against the
 //!   two parts in two calls;
-//! * paged prefill: a whole prompt through `paged-attention-cuda` (each kernel path) against
+//! * paged prefill: whole prompts (one, or several of one length) through `paged-attention-cuda`
+//!   (each kernel path; the automatic one takes libtorch's kernels from 1024 tokens) against
 //!   SDPA on contiguous memory, causal.
 //!
 //! Time: each function of a case (ours and its baselines) runs `iters` times between device
@@ -263,6 +264,10 @@ mod imp {
     const PREFILL_SHAPES: [(i64, i64); 6] =
         [(512, 32), (1024, 16), (2048, 8), (4096, 4), (8192, 2), (16384, 1)];
     const SHORT_PREFILL_SHAPES: [(i64, i64); 3] = [(128, 1), (256, 1), (512, 1)];
+
+    /// Prompts (count, tokens each) of the paged prefill cases.
+    const PAGED_PROMPTS: [(i64, i64); 8] =
+        [(1, 1024), (1, 4096), (1, 128), (1, 256), (1, 512), (4, 1024), (16, 256), (64, 64)];
 
     /// Core attention forward and forward+backward, `sdpa-cuda` against libtorch's SDPA called
     /// directly and against the generic `sdpa` kind, for (sequence, batch) `shapes`.
@@ -792,30 +797,33 @@ mod imp {
             &[("two calls", separate * 1e3)],
             "ms",
         );
-        // A whole prompt prefilled through the paged cache (appending its keys and values)
-        // against SDPA's default backend on contiguous memory, causal.
-        for s in [1024i64, 4096] {
-            let m = paged_memory(1, s, hkv, hd, bs, device);
-            let cu = Tensor::from_slice(&[0i32, s as i32]).to_device(device);
-            let q = bf16(&[s, 1, hq, hd], device);
-            let k = bf16(&[s, 1, hkv, hd], device);
-            let v = bf16(&[s, 1, hkv, hd], device);
-            let flops = 2.0 * (hq * s * s * hd) as f64;
+        // Whole prompts prefilled through the paged cache (appending their keys and values)
+        // against SDPA's default backend on contiguous memory, causal: `auto` takes libtorch's
+        // kernels on the inputs for such steps (`PROMPT_ROUTE_MIN_TOKENS`), `tensor cores` is
+        // our kernel over the pages.
+        for (n, s) in PAGED_PROMPTS {
+            let m = paged_memory(n, s, hkv, hd, bs, device);
+            let cu = (Tensor::arange(n + 1, (Kind::Int, device)) * s).to_kind(Kind::Int);
+            let q = bf16(&[n * s, 1, hq, hd], device);
+            let k = bf16(&[n * s, 1, hkv, hd], device);
+            let v = bf16(&[n * s, 1, hkv, hd], device);
+            let flops = 2.0 * (n * hq * s * s * hd) as f64;
             let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
-            let n = m.slots(0, 0, s);
+            let slots: Vec<Tensor> = (0..n).map(|r| m.slots(r, 0, s)).collect();
+            let slots = Tensor::cat(&slots, 0);
             let pk = PagedKv {
                 key_cache: &m.kc,
                 value_cache: &m.vc,
-                slot_mapping: &n,
+                slot_mapping: &slots,
                 block_table: &m.table,
                 cu_seqlens_q: &cu,
                 seqlens_k: &m.kv_len,
                 max_seqlen_q: s,
                 max_seqlen_k: s,
-                no_cached_keys: false,
+                no_cached_keys: true,
             };
             let (qb, kb, vb) =
-                (q.view([1, s, hq, hd]), k.view([1, s, hkv, hd]), v.view([1, s, hkv, hd]));
+                (q.view([n, s, hq, hd]), k.view([n, s, hkv, hd]), v.view([n, s, hkv, hd]));
             let (qb, kb, vb) = (qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2));
             let (per_path, sdpa) = time_paged(
                 device,
@@ -828,9 +836,10 @@ mod imp {
                 }),
             )?;
             let tf = |t: f64| flops / t / 1e12;
+            let shape = if n == 1 { format!("s{s}") } else { format!("{n} x s{s}") };
             report.add(
                 "prefill",
-                format!("paged {hq}/{hkv} hd{hd} s{s} causal"),
+                format!("paged {hq}/{hkv} hd{hd} {shape} causal"),
                 ("paged kernel", tf(per_path[0])),
                 &[
                     ("cuda cores", tf(per_path[1])),

@@ -1337,10 +1337,42 @@ __device__ void combine(const Params& p) {
   }
 }
 
+// The paged cache's append alone, for steps whose attention another kernel computes from the
+// inputs (prompts without cached keys): block x copies new token x's keys and values, every
+// key/value head, to the slot the attention kernels' append gives it (its request's block table
+// at position seqlens_k - new tokens + its index), 16 bytes a thread at a time.
+template <typename T, int HD>
+__device__ void append_paged(const Params& p) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int tok = blockIdx.x;
+  const int* cu = reinterpret_cast<const int*>(p.cu_q);
+  // Its request: the last row whose tokens start at or before it (rows without tokens share
+  // their start with the next row, so the last one is the row that has it).
+  int lo = 0, hi = p.n_rows - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu[mid] <= tok) lo = mid;
+    else hi = mid - 1;
+  }
+  const int q0 = cu[lo];
+  const int t = reinterpret_cast<const int*>(p.kv_len)[lo] - (cu[lo + 1] - q0) + (tok - q0);
+  const T* knew = reinterpret_cast<const T*>(p.k_new);
+  const T* vnew = reinterpret_cast<const T*>(p.v_new);
+  T* kc = reinterpret_cast<T*>(p.k_cache);
+  T* vc = reinterpret_cast<T*>(p.v_cache);
+  for (int i = threadIdx.x; i < p.hkv * (HD / VEC); i += blockDim.x) {
+    const int g = i / (HD / VEC), c = (i % (HD / VEC)) * VEC;
+    const long long dst = cache_offset<true>(p, lo, g, t, HD) + c;
+    const long long src = ((long long)tok * p.hkv + g) * HD + c;
+    *reinterpret_cast<uint4*>(kc + dst) = *reinterpret_cast<const uint4*>(knew + src);
+    *reinterpret_cast<uint4*>(vc + dst) = *reinterpret_cast<const uint4*>(vnew + src);
+  }
+}
+
 // Entry points: attn_{static|paged}_{bf16|f16|f32}_{head dim}_p{pairs} (CUDA cores),
 // attn_{static|paged}_{bf16|f16}_{head dim}_mma and _mma16 (tensor cores, head dim <= 128; up
 // to 64 or 16 pairs per block),
-// attn_combine_{dtype}_{head dim}.
+// attn_combine_{dtype}_{head dim}, attn_append_{dtype}_{head dim} (in every build).
 // Launch bounds of the CUDA-core builds. The fp32 builds of 4 and 8 pairs and the 16-bit builds
 // of 8 pairs state 2 resident blocks: left to its own heuristic, ptxas caps some of them at 72,
 // 128 or 168 registers and spills a few bytes (tests/ptx.rs fails on any spill).
@@ -1396,8 +1428,9 @@ __device__ void combine(const Params& p) {
   extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_static_##TNAME##_##HD##_mma16g4(Params p) {\
     attend_mma<T, HD, false, 16, 4>(p);                                                                    \
   }
-#define ATTN_COMBINE(TNAME, T, HD) \
-  extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); }
+#define ATTN_COMBINE(TNAME, T, HD)                                                     \
+  extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); } \
+  extern "C" __global__ void attn_append_##TNAME##_##HD(Params p) { append_paged<T, HD>(p); }
 #define ATTN_EVERY_PAIRS(TNAME, T, HD) \
   ATTN_COMBINE(TNAME, T, HD)           \
   ATTN_ATTEND(TNAME, T, HD, 1)         \

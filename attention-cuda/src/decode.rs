@@ -2,6 +2,7 @@
 //! `flash_decode_and_prefill` over the paged cache: both launch `kernels/attention.cu`.
 
 use attention_core::inference::{FlashDecode, StaticDecodeStep};
+use attention_core::sdpa::PlainSdpa;
 use attention_spec::ForwardError;
 use attention_spec::module::{CoreAttention, CoreAttentionInput, PagedKv};
 use tch::{Kind, Tensor};
@@ -9,7 +10,8 @@ use tch::{Kind, Tensor};
 use crate::Error;
 pub use crate::KernelPath;
 use crate::launch::{
-    Geometry, Params, check_head_dim, check_tensor, cuda_index, dtype_name, launch, scale_log2,
+    Geometry, Params, append, check_head_dim, check_tensor, cuda_index, dtype_name, launch,
+    scale_log2, tensor_cores_apply,
 };
 
 fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
@@ -199,12 +201,29 @@ impl FlashDecode for CudaFlashDecode {
     }
 }
 
+/// Query tokens (all prompts together) from which a step of prompts without cached keys
+/// (`PagedKv::no_cached_keys`) is attended by libtorch's kernels on the inputs rather than by
+/// ours over the pages. Same-process bench on an H200 (32/8 heads, head dimension 128, causal;
+/// TFLOP/s, libtorch's route vs our kernel): one prompt of 128, 256 and 512 tokens 4.9 vs 8.0,
+/// 19.2 vs 26.0, 64.5 vs 68.9 (the route's host work shows); 1024 173 vs 137, 4096 464 vs 257;
+/// 64 prompts of 64 29.5 vs 20.8, 16 of 256 86.9 vs 71.5, 4 of 1024 179 vs 167.
+pub const PROMPT_ROUTE_MIN_TOKENS: i64 = 1024;
+
 /// `paged-attention-cuda`: `flash_decode_and_prefill` over the paged cache.
 ///
 /// `PagedKv::max_seqlen_q` and `max_seqlen_k` size the launch (tiles, split-KV) and are not
 /// read back from the device: understating them costs speed, never keys (the kernel spreads a
 /// longer row over all of the launch's splits). `slot_mapping` is not read: the kernel appends
 /// each new token at the slot its request's block table gives its position.
+///
+/// On [`KernelPath::Auto`], a step of prompts without cached keys (`PagedKv::no_cached_keys`,
+/// bf16/f16, head dimension 32, 64 or 128, at least [`PROMPT_ROUTE_MIN_TOKENS`] tokens)
+/// needs nothing from the pages: its keys are its own inputs. It is attended there by
+/// libtorch's fused kernels, causally with GQA (one prompt: `scaled_dot_product_attention`
+/// under the current backend switches, cuDNN's kernel on H100/H200; several: the
+/// variable-length flash forward), and only the append is ours; `max_seqlen_q` must then not
+/// understate the longest prompt (the flash forward covers that many tokens of each). The
+/// other paths always run our kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPagedAttention {
     scale: f64,
@@ -295,9 +314,14 @@ impl CudaPagedAttention {
         ] {
             check_tensor(name, x, Kind::Int, device)?;
         }
-        let out = Tensor::f_empty([t, 1, np * hd], (kind, device))?;
+        if paged.no_cached_keys && paged.max_seqlen_k != paged.max_seqlen_q {
+            return Err(Error::Input(format!(
+                "no_cached_keys with max_seqlen_k {} and max_seqlen_q {}: each request's keys are its queries",
+                paged.max_seqlen_k, paged.max_seqlen_q
+            )));
+        }
         if t == 0 || n == 0 {
-            return Ok(out);
+            return Ok(Tensor::f_empty([t, 1, np * hd], (kind, device))?);
         }
         let p = Params {
             q: input.query.data_ptr() as u64,
@@ -305,7 +329,6 @@ impl CudaPagedAttention {
             v_new: input.value.data_ptr() as u64,
             k_cache: paged.key_cache.data_ptr() as u64,
             v_cache: paged.value_cache.data_ptr() as u64,
-            out: out.data_ptr() as u64,
             cu_q: paged.cu_seqlens_q.data_ptr() as u64,
             kv_len: paged.seqlens_k.data_ptr() as u64,
             block_table: paged.block_table.data_ptr() as u64,
@@ -314,6 +337,18 @@ impl CudaPagedAttention {
             scale_log2: scale,
             ..Params::default()
         };
+        if paged.no_cached_keys
+            && self.path == KernelPath::Auto
+            && tensor_cores_apply(kind, hd)
+            && t >= PROMPT_ROUTE_MIN_TOKENS
+        {
+            // Attend first: a failed call leaves the cache as it was.
+            let out = tch::no_grad(|| self.prompts(input, paged, [t, n, np, ngp, hd]))?;
+            append(kind, hd, ordinal, p, (n, ngp, t))?;
+            return Ok(out);
+        }
+        let out = Tensor::f_empty([t, 1, np * hd], (kind, device))?;
+        let p = Params { out: out.data_ptr() as u64, ..p };
         let geo = Geometry {
             n_rows: n,
             max_q: paged.max_seqlen_q,
@@ -329,6 +364,39 @@ impl CudaPagedAttention {
         Ok(out)
     }
 }
+
+impl CudaPagedAttention {
+    /// Causal attention of a step's prompts over their own keys and values (see the type's
+    /// documentation): `[t, 1, np * hd]`.
+    fn prompts(
+        &self,
+        input: &CoreAttentionInput<'_>,
+        paged: &PagedKv<'_>,
+        [t, n, np, ngp, hd]: [i64; 5],
+    ) -> Result<Tensor, Error> {
+        let (q, k, v) = (input.query, input.key, input.value);
+        if n == 1 {
+            let call = PlainSdpa { causal: true, scale: self.scale, dropout: 0.0, gqa: np != ngp };
+            return crate::shim::sdpa_sbhd(q, k, v, LIBTORCH_CHOICE, &call);
+        }
+        let [out, ..] = crate::shim::flash_varlen_forward(
+            &q.f_view([t, np, hd])?,
+            &k.f_view([t, ngp, hd])?,
+            &v.f_view([t, ngp, hd])?,
+            paged.cu_seqlens_q,
+            paged.cu_seqlens_q,
+            paged.max_seqlen_q,
+            paged.max_seqlen_q,
+            0.0,
+            true,
+            self.scale,
+        )?;
+        Ok(out.f_view([t, 1, np * hd])?)
+    }
+}
+
+/// `sdpa_sbhd`'s backend code for "`scaled_dot_product_attention`, libtorch's choice".
+const LIBTORCH_CHOICE: i64 = -1;
 
 impl CoreAttention for CudaPagedAttention {
     fn kind(&self) -> &'static str {

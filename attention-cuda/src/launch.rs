@@ -153,6 +153,12 @@ pub(crate) struct Geometry {
     pub programmatic: bool,
 }
 
+/// Whether the tensor-core builds exist for `kind` and `hd` (bf16/f16, head dimension 32, 64
+/// or 128).
+pub(crate) fn tensor_cores_apply(kind: Kind, hd: i64) -> bool {
+    matches!(kind, Kind::BFloat16 | Kind::Half) && [32, 64, 128].contains(&hd)
+}
+
 /// Whether `path` runs on the tensor cores for this launch.
 fn use_tensor_cores(
     paged: bool,
@@ -161,7 +167,7 @@ fn use_tensor_cores(
     hd: i64,
     geo: &Geometry,
 ) -> Result<bool, Error> {
-    let supported = matches!(kind, Kind::BFloat16 | Kind::Half) && [32, 64, 128].contains(&hd);
+    let supported = tensor_cores_apply(kind, hd);
     match path {
         KernelPath::CudaCores => Ok(false),
         KernelPath::TensorCores if supported => Ok(true),
@@ -548,6 +554,43 @@ pub(crate) fn launch(
     }
     drop(partials);
     Ok(())
+}
+
+/// Appends a paged step's new keys and values (`p.k_new`, `p.v_new`: `total_tokens` rows of
+/// `hkv` heads) to their slots, as the attention kernels do, without attending
+/// (`attn_append_*`: one block a token). The callers attend with another kernel.
+pub(crate) fn append(
+    kind: Kind,
+    hd: i64,
+    device: usize,
+    mut p: Params,
+    (n_rows, hkv, total_tokens): (i64, i64, i64),
+) -> Result<(), Error> {
+    let dtype = dtype_name(kind)?;
+    // Any module holds the append; this is the one the paged steps of this dtype and head
+    // dimension load anyway.
+    let tile = if tensor_cores_apply(kind, hd) {
+        Tile::TensorCores { rows: MMA_ROWS }
+    } else {
+        Tile::CudaCores { pairs: 1 }
+    };
+    let k = kernels(device, Variant { dtype, head_dim: hd, tile })?;
+    let threads = (WARPS * 32) as u32;
+    let f = k.function(&format!("attn_append_{dtype}_{hd}"), threads, 0)?;
+    let grid = u32::try_from(total_tokens)
+        .map_err(|_| Error::Unsupported(format!("an append of {total_tokens} tokens")))?;
+    p.n_rows = n_rows as i32;
+    p.hkv = hkv as i32;
+    p.total_tokens = total_tokens as i32;
+    let cfg =
+        LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let stream = k.torch_stream(device)?;
+    #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
+    // SAFETY: the caller checked every pointer's tensor (dtype, device, contiguity, shape) and
+    // keeps the tensors alive until the work is queued on libtorch's stream.
+    unsafe {
+        queue(&stream, &f.func, cfg, &p, false)
+    }
 }
 
 /// Queues `func(p)` on `stream`. With `programmatic`, as a programmatic dependent launch: the

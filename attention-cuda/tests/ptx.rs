@@ -45,7 +45,10 @@ fn allowed_spill(entry: &str) -> u32 {
 /// change can tip into spilling).
 fn check(arch: &'static str, v: Variant, ptxas: &Path, dir: &Path) -> Result<()> {
     let ptx = compile_ptx(arch, Some(v))?.to_src();
-    let mut names = vec![format!("attn_combine_{}_{}", v.dtype, v.head_dim)];
+    let mut names = vec![
+        format!("attn_combine_{}_{}", v.dtype, v.head_dim),
+        format!("attn_append_{}_{}", v.dtype, v.head_dim),
+    ];
     for paged in [false, true] {
         names.push(v.attend_name(paged));
         if let Tile::TensorCores { .. } = v.tile {

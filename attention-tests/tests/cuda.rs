@@ -690,6 +690,118 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
     Ok(())
 }
 
+/// Steps of prompts without cached keys (`no_cached_keys`) on the automatic path are attended
+/// by libtorch's kernels on the inputs from `PROMPT_ROUTE_MIN_TOKENS` tokens (SDPA for one
+/// prompt, the variable-length flash forward for several, an empty one included) and appended
+/// by ours; shorter steps run our kernel. The outputs match causal attention in fp32 and the
+/// tensor-core kernel over the pages, and the caches equal that kernel's, bit for bit, for a
+/// block size of 16 and one of 96 (not a power of two). A step whose lengths contradict the
+/// promise is refused before anything is written.
+#[test]
+fn paged_prompts_without_cached_keys_match_the_kernel() -> Result<()> {
+    use attention_cuda::decode::{CudaPagedAttention, PROMPT_ROUTE_MIN_TOKENS};
+    use attention_spec::AttnMaskType;
+    use attention_spec::module::{CoreAttentionInput, PagedKv};
+    tch::manual_seed(23);
+    let (hq, hkv) = (8i64, 2i64);
+    for (kind, hd) in [(Kind::BFloat16, 128i64), (Kind::Half, 64)] {
+        for bs in [16i64, 96] {
+            for lens in [&[1100i64][..], &[600, 300, 200], &[500, 0, 400, 150], &[300, 200]] {
+                let n = lens.len() as i64;
+                let t: i64 = lens.iter().sum();
+                let max_q = lens.iter().copied().max().unwrap_or(0);
+                let per = (max_q + bs - 1) / bs;
+                let nb = n * per + 3;
+                let table = Tensor::randperm(nb, (Kind::Int64, Device::Cpu)).narrow(0, 0, n * per);
+                let table = table.view([n, per]);
+                let mut slots = Vec::new();
+                let mut cu = vec![0i32];
+                for (r, &l) in lens.iter().enumerate() {
+                    slots.extend(
+                        (0..l).map(|p| table.int64_value(&[r as i64, p / bs]) * bs + p % bs),
+                    );
+                    cu.push(cu[r] + l as i32);
+                }
+                let slots = Tensor::from_slice(&slots).to_device(GPU);
+                let cu = Tensor::from_slice(&cu).to_device(GPU);
+                let seqlens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+                let seqlens = Tensor::from_slice(&seqlens).to_device(GPU);
+                let table = table.to_kind(Kind::Int).to_device(GPU);
+                let kc0 = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
+                let vc0 = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
+                let (q, k, v) = (
+                    Tensor::randn([t, 1, hq, hd], (kind, GPU)),
+                    Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
+                    Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
+                );
+                let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
+                let run = |path: KernelPath, max_k: i64| {
+                    let (kc, vc) = (kc0.copy(), vc0.copy());
+                    let pk = PagedKv {
+                        key_cache: &kc,
+                        value_cache: &vc,
+                        slot_mapping: &slots,
+                        block_table: &table,
+                        cu_seqlens_q: &cu,
+                        seqlens_k: &seqlens,
+                        max_seqlen_q: max_q,
+                        max_seqlen_k: max_k,
+                        no_cached_keys: true,
+                    };
+                    let out = CudaPagedAttention::new(0.125).with_path(path).run(&input, &pk);
+                    out.map(|o| (o, kc, vc))
+                };
+                let what = format!("{kind:?} hd {hd}, block size {bs}, prompts {lens:?}");
+                let (routed, kr, vr) = run(KernelPath::Auto, max_q)?;
+                let (kernel, kk, vk) = run(KernelPath::TensorCores, max_q)?;
+                if !kr.equal(&kk) || !vr.equal(&vk) {
+                    bail!("{what}: the routed step's caches differ from the kernel's");
+                }
+                let new_k = kr.view([nb * bs, hkv, hd]).index_select(0, &slots);
+                let new_v = vr.view([nb * bs, hkv, hd]).index_select(0, &slots);
+                if !new_k.equal(&k.squeeze_dim(1)) || !new_v.equal(&v.squeeze_dim(1)) {
+                    bail!("{what}: the new keys or values are not in their slots");
+                }
+                assert_close(&routed, &kernel, 2e-2, 2e-2, &format!("{what}: routed vs kernel"))?;
+                // Short steps stay on our kernel (the same bits); longer ones took libtorch's.
+                if routed.equal(&kernel) != (t < PROMPT_ROUTE_MIN_TOKENS) {
+                    bail!("{what}: the automatic path's kernel is not the one its length picks");
+                }
+                let mut first = 0;
+                for &l in lens {
+                    let g = hq / hkv;
+                    if l == 0 {
+                        continue;
+                    }
+                    let heads_first = |x: &Tensor, heads: i64| {
+                        x.narrow(0, first, l)
+                            .view([l, heads, hd])
+                            .to_kind(Kind::Float)
+                            .transpose(0, 1)
+                    };
+                    let (qr, kr, vr) =
+                        (heads_first(&q, hq), heads_first(&k, hkv), heads_first(&v, hkv));
+                    let kr = kr.repeat_interleave_self_int(g, 0, None);
+                    let vr = vr.repeat_interleave_self_int(g, 0, None);
+                    let mask = Tensor::ones([l, l], (Kind::Bool, GPU)).triu(1);
+                    let scores = qr.matmul(&kr.transpose(1, 2)) * 0.125;
+                    let att = scores.masked_fill(&mask, f64::NEG_INFINITY).softmax(-1, Kind::Float);
+                    let reference = att.matmul(&vr).transpose(0, 1).reshape([l, 1, hq * hd]);
+                    let got = routed.narrow(0, first, l).to_kind(Kind::Float);
+                    assert_close(&got, &reference, 2e-2, 2e-2, &format!("{what}: {l} tokens"))?;
+                    first += l;
+                }
+                // The promise contradicted by the step's own bounds: refused (before any write).
+                let refused = run(KernelPath::Auto, max_q + 1);
+                if refused.is_ok() {
+                    bail!("{what}: no_cached_keys with max_seqlen_k > max_seqlen_q was accepted");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `max_sequence_offset` sizes the static launch: with the cache's length (`None`), the true
 /// bound, or one below some rows' offsets (their keys spread over the launch's splits), the
 /// output equals attention over each row's cached keys plus its new one (libtorch, fp32), and
