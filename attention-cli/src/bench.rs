@@ -16,7 +16,9 @@
 //!   and at an eighth of it;
 //! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
 //! * mixed step: 64 decode requests plus one 2048-token prefill chunk in one call, against the
-//!   two parts in two calls;
+//!   two parts in two calls and against the one call on the tensor-core kernel: a continued
+//!   chunk, and a prompt's first chunk (which the automatic path attends with libtorch's
+//!   kernels);
 //! * paged prefill: whole prompts (one, or several of one length) through `paged-attention-cuda`
 //!   (each kernel path; the automatic one takes libtorch's kernels from 1024 tokens) against
 //!   SDPA on contiguous memory, causal.
@@ -71,7 +73,9 @@ mod imp {
     use attention_core::rotary::apply_rotary_pos_emb;
     use attention_cuda::decode::{CudaFlashDecode, CudaPagedAttention, KernelPath};
     use attention_cuda::graph::CudaGraph;
-    use attention_spec::module::{AttnMaskType, CoreAttention, CoreAttentionInput, PagedKv};
+    use attention_spec::module::{
+        AttnMaskType, CoreAttention, CoreAttentionInput, PagedKv, PromptTail,
+    };
     use serde_json::{Value, json};
     use tch::{Device, Kind, Tensor};
 
@@ -667,7 +671,7 @@ mod imp {
                         seqlens_k: &m.kv_len,
                         max_seqlen_q: 1,
                         max_seqlen_k: l,
-                        no_cached_keys: false,
+                        prompt_tail: None,
                     };
                     let bytes = (2 * b * l * hkv * hd * 2
                         + 2 * b * hq * hd * 2
@@ -720,83 +724,94 @@ mod imp {
         let (nd, ld, lp) = (64i64, 4096i64, 2048i64);
         let kernel = CudaPagedAttention::new(1.0 / (hd as f64).sqrt());
         // 64 decode requests with 4096 cached keys, one request prefilling 2048 new tokens on
-        // top of 2048 cached ones.
-        let m = paged_memory(nd + 1, ld, hkv, hd, bs, device);
-        let mut kv = vec![ld as i32; nd as usize];
-        kv.push(ld as i32);
-        let kv_len = Tensor::from_slice(&kv).to_device(device);
-        let mut cu: Vec<i32> = (0..=nd as i32).collect();
-        cu.push(nd as i32 + lp as i32);
-        let cu_q = Tensor::from_slice(&cu).to_device(device);
-        let t = nd + lp;
-        let q = bf16(&[t, 1, hq, hd], device);
-        let k = bf16(&[t, 1, hkv, hd], device);
-        let v = bf16(&[t, 1, hkv, hd], device);
-        let mut slots: Vec<Tensor> = (0..nd).map(|r| m.slots(r, ld - 1, 1)).collect();
-        slots.push(m.slots(nd, ld - lp, lp));
-        let slots = Tensor::cat(&slots, 0);
-        let run = |q: &Tensor,
-                   k: &Tensor,
-                   v: &Tensor,
-                   cu: &Tensor,
-                   lens: &Tensor,
-                   table: &Tensor,
-                   max_q: i64|
-         -> Result<()> {
-            let input = CoreAttentionInput::new(q, k, v, AttnMaskType::Causal);
-            // The slots of these tokens: the decode rows come first, the prefill chunk last.
-            let n = if q.size()[0] == lp {
-                slots.narrow(0, nd, lp)
+        // top of 2048 cached ones (a continued chunk) or of none (a prompt's first chunk: the
+        // step's prompt tail, which the automatic path sends to libtorch's kernels).
+        for cached in [ld - lp, 0] {
+            let m = paged_memory(nd + 1, ld, hkv, hd, bs, device);
+            let mut kv = vec![ld as i32; nd as usize];
+            kv.push((cached + lp) as i32);
+            let kv_len = Tensor::from_slice(&kv).to_device(device);
+            let mut cu: Vec<i32> = (0..=nd as i32).collect();
+            cu.push(nd as i32 + lp as i32);
+            let cu_q = Tensor::from_slice(&cu).to_device(device);
+            let t = nd + lp;
+            let q = bf16(&[t, 1, hq, hd], device);
+            let k = bf16(&[t, 1, hkv, hd], device);
+            let v = bf16(&[t, 1, hkv, hd], device);
+            let mut slots: Vec<Tensor> = (0..nd).map(|r| m.slots(r, ld - 1, 1)).collect();
+            slots.push(m.slots(nd, cached, lp));
+            let slots = Tensor::cat(&slots, 0);
+            let fresh = cached == 0;
+            let run = |kernel: CudaPagedAttention,
+                       (q, k, v): (&Tensor, &Tensor, &Tensor),
+                       (cu, lens, table): (&Tensor, &Tensor, &Tensor),
+                       max_q: i64,
+                       prompt_tail: Option<PromptTail>|
+             -> Result<()> {
+                let input = CoreAttentionInput::new(q, k, v, AttnMaskType::Causal);
+                // The slots of these tokens: the decode rows come first, the prefill chunk last.
+                let n = if q.size()[0] == lp {
+                    slots.narrow(0, nd, lp)
+                } else {
+                    slots.narrow(0, 0, q.size()[0])
+                };
+                let pk = PagedKv {
+                    key_cache: &m.kc,
+                    value_cache: &m.vc,
+                    slot_mapping: &n,
+                    block_table: table,
+                    cu_seqlens_q: cu,
+                    seqlens_k: lens,
+                    max_seqlen_q: max_q,
+                    max_seqlen_k: ld,
+                    prompt_tail,
+                };
+                let _ = kernel.run(&input, &pk)?;
+                Ok(())
+            };
+            let all = (&q, &k, &v);
+            let all_meta = (&cu_q, &kv_len, &m.table);
+            let tail = fresh.then_some(PromptTail {
+                request: nd,
+                token: nd,
+                head_max_seqlen_q: 1,
+                head_max_seqlen_k: ld,
+            });
+            let dec_cu = cu_q.narrow(0, 0, nd + 1);
+            let dec = (q.narrow(0, 0, nd), k.narrow(0, 0, nd), v.narrow(0, 0, nd));
+            let dec_meta = (kv_len.narrow(0, 0, nd), m.table.narrow(0, 0, nd));
+            let pre_cu = Tensor::from_slice(&[0i32, lp as i32]).to_device(device);
+            let pre = (q.narrow(0, nd, lp), k.narrow(0, nd, lp), v.narrow(0, nd, lp));
+            let pre_meta = (kv_len.narrow(0, nd, 1), m.table.narrow(0, nd, 1));
+            let pre_tail = fresh.then_some(PromptTail::ALL);
+            let tensor_cores = kernel.with_path(KernelPath::TensorCores);
+            let t = time_each(
+                device,
+                reps,
+                &mut [
+                    timed(5, || run(kernel, all, all_meta, lp, tail)),
+                    timed(5, || {
+                        let dec_meta = (&dec_cu, &dec_meta.0, &dec_meta.1);
+                        run(kernel, (&dec.0, &dec.1, &dec.2), dec_meta, 1, None)?;
+                        let pre_meta = (&pre_cu, &pre_meta.0, &pre_meta.1);
+                        run(kernel, (&pre.0, &pre.1, &pre.2), pre_meta, lp, pre_tail)
+                    }),
+                    timed(5, || run(tensor_cores, all, all_meta, lp, tail)),
+                ],
+            )?;
+            let case = if fresh {
+                format!("{nd} decode x{ld} + prompt {lp}")
             } else {
-                slots.narrow(0, 0, q.size()[0])
+                format!("{nd} decode x{ld} + prefill {lp} on {cached}")
             };
-            let pk = PagedKv {
-                key_cache: &m.kc,
-                value_cache: &m.vc,
-                slot_mapping: &n,
-                block_table: table,
-                cu_seqlens_q: cu,
-                seqlens_k: lens,
-                max_seqlen_q: max_q,
-                max_seqlen_k: ld,
-                no_cached_keys: false,
-            };
-            let _ = kernel.run(&input, &pk)?;
-            Ok(())
-        };
-        let dec_cu = cu_q.narrow(0, 0, nd + 1);
-        let dec = (q.narrow(0, 0, nd), k.narrow(0, 0, nd), v.narrow(0, 0, nd));
-        let pre_cu = Tensor::from_slice(&[0i32, lp as i32]).to_device(device);
-        let pre = (q.narrow(0, nd, lp), k.narrow(0, nd, lp), v.narrow(0, nd, lp));
-        let pre_len = kv_len.narrow(0, nd, 1);
-        let pre_table = m.table.narrow(0, nd, 1);
-        let t = time_each(
-            device,
-            reps,
-            &mut [
-                timed(5, || run(&q, &k, &v, &cu_q, &kv_len, &m.table, lp)),
-                timed(5, || {
-                    run(
-                        &dec.0,
-                        &dec.1,
-                        &dec.2,
-                        &dec_cu,
-                        &kv_len.narrow(0, 0, nd),
-                        &m.table.narrow(0, 0, nd),
-                        1,
-                    )?;
-                    run(&pre.0, &pre.1, &pre.2, &pre_cu, &pre_len, &pre_table, lp)
-                }),
-            ],
-        )?;
-        let (both, separate) = (t[0], t[1]);
-        report.add(
-            "mixed",
-            format!("{nd} decode x{ld} + prefill {lp} on {}", ld - lp),
-            ("one call", both * 1e3),
-            &[("two calls", separate * 1e3)],
-            "ms",
-        );
+            report.add(
+                "mixed",
+                case,
+                ("one call", t[0] * 1e3),
+                &[("two calls", t[1] * 1e3), ("tensor cores", t[2] * 1e3)],
+                "ms",
+            );
+        }
         // Whole prompts prefilled through the paged cache (appending their keys and values)
         // against SDPA's default backend on contiguous memory, causal: `auto` takes libtorch's
         // kernels on the inputs for such steps (`PROMPT_ROUTE_MIN_TOKENS`), `tensor cores` is
@@ -820,7 +835,7 @@ mod imp {
                 seqlens_k: &m.kv_len,
                 max_seqlen_q: s,
                 max_seqlen_k: s,
-                no_cached_keys: true,
+                prompt_tail: Some(PromptTail::ALL),
             };
             let (qb, kb, vb) =
                 (q.view([n, s, hq, hd]), k.view([n, s, hkv, hd]), v.view([n, s, hkv, hd]));

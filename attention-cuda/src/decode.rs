@@ -201,9 +201,9 @@ impl FlashDecode for CudaFlashDecode {
     }
 }
 
-/// Query tokens (all prompts together) from which a step of prompts without cached keys
-/// (`PagedKv::no_cached_keys`) is attended by libtorch's kernels on the inputs rather than by
-/// ours over the pages. Same-process bench on an H200 (32/8 heads, head dimension 128, causal;
+/// Query tokens (all prompts together) from which the trailing prompts without cached keys of
+/// a step (`PagedKv::prompt_tail`) are attended by libtorch's kernels on the inputs rather than
+/// by ours over the pages. Same-process bench on an H200 (32/8 heads, head dimension 128, causal;
 /// TFLOP/s, libtorch's route vs our kernel): one prompt of 128, 256 and 512 tokens 4.9 vs 8.0,
 /// 19.2 vs 26.0, 64.5 vs 68.9 (the route's host work shows); 1024 173 vs 137, 4096 464 vs 257;
 /// 64 prompts of 64 29.5 vs 20.8, 16 of 256 86.9 vs 71.5, 4 of 1024 179 vs 167.
@@ -216,14 +216,16 @@ pub const PROMPT_ROUTE_MIN_TOKENS: i64 = 1024;
 /// longer row over all of the launch's splits). `slot_mapping` is not read: the kernel appends
 /// each new token at the slot its request's block table gives its position.
 ///
-/// On [`KernelPath::Auto`], a step of prompts without cached keys (`PagedKv::no_cached_keys`,
-/// bf16/f16, head dimension 32, 64 or 128, at least [`PROMPT_ROUTE_MIN_TOKENS`] tokens)
-/// needs nothing from the pages: its keys are its own inputs. It is attended there by
-/// libtorch's fused kernels, causally with GQA (one prompt: `scaled_dot_product_attention`
-/// under the current backend switches, cuDNN's kernel on H100/H200; several: the
-/// variable-length flash forward), and only the append is ours; `max_seqlen_q` must then not
-/// understate the longest prompt (the flash forward covers that many tokens of each). The
-/// other paths always run our kernel.
+/// On [`KernelPath::Auto`], a step's trailing prompts without cached keys
+/// (`PagedKv::prompt_tail`: bf16/f16, head dimension 32, 64 or 128, at least
+/// [`PROMPT_ROUTE_MIN_TOKENS`] tokens) need nothing from the pages: their keys are their own
+/// inputs. They are attended there by libtorch's fused kernels, causally with GQA (one prompt:
+/// `scaled_dot_product_attention` under the current backend switches, cuDNN's kernel on
+/// H100/H200; several: the variable-length flash forward), and only appended by ours; the
+/// requests before them (decode tokens, continued chunks) run our kernel, sized by the tail's
+/// `head_max_seqlen_q` and `head_max_seqlen_k`. `max_seqlen_q` must then not understate the
+/// longest prompt (the flash forward covers that many tokens of each). The other paths always
+/// run our kernel over the whole step.
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPagedAttention {
     scale: f64,
@@ -314,14 +316,21 @@ impl CudaPagedAttention {
         ] {
             check_tensor(name, x, Kind::Int, device)?;
         }
-        if paged.no_cached_keys && paged.max_seqlen_k != paged.max_seqlen_q {
-            return Err(Error::Input(format!(
-                "no_cached_keys with max_seqlen_k {} and max_seqlen_q {}: each request's keys are its queries",
-                paged.max_seqlen_k, paged.max_seqlen_q
-            )));
+        if let Some(tail) = paged.prompt_tail {
+            let (r, k) = (tail.request, tail.token);
+            if !(0..=n).contains(&r)
+                || !(0..=t).contains(&k)
+                || (r == 0 && k != 0)
+                || (r == n && k != t)
+            {
+                return Err(Error::Input(format!(
+                    "prompt_tail at request {r}, token {k}: outside a step of {n} requests and {t} tokens"
+                )));
+            }
         }
+        let empty = || Tensor::f_empty([t, 1, np * hd], (kind, device));
         if t == 0 || n == 0 {
-            return Ok(Tensor::f_empty([t, 1, np * hd], (kind, device))?);
+            return Ok(empty()?);
         }
         let p = Params {
             q: input.query.data_ptr() as u64,
@@ -337,18 +346,6 @@ impl CudaPagedAttention {
             scale_log2: scale,
             ..Params::default()
         };
-        if paged.no_cached_keys
-            && self.path == KernelPath::Auto
-            && tensor_cores_apply(kind, hd)
-            && t >= PROMPT_ROUTE_MIN_TOKENS
-        {
-            // Attend first: a failed call leaves the cache as it was.
-            let out = tch::no_grad(|| self.prompts(input, paged, [t, n, np, ngp, hd]))?;
-            append(kind, hd, ordinal, p, (n, ngp, t))?;
-            return Ok(out);
-        }
-        let out = Tensor::f_empty([t, 1, np * hd], (kind, device))?;
-        let p = Params { out: out.data_ptr() as u64, ..p };
         let geo = Geometry {
             n_rows: n,
             max_q: paged.max_seqlen_q,
@@ -360,38 +357,97 @@ impl CudaPagedAttention {
             heads_per_block: None,
             programmatic: self.programmatic,
         };
-        launch(true, self.path, kind, hd, ordinal, p, geo)?;
+        let routed = paged.prompt_tail.filter(|tail| {
+            self.path == KernelPath::Auto
+                && tensor_cores_apply(kind, hd)
+                && t - tail.token >= PROMPT_ROUTE_MIN_TOKENS
+        });
+        let Some(tail) = routed else {
+            let out = empty()?;
+            launch(
+                true,
+                self.path,
+                kind,
+                hd,
+                ordinal,
+                Params { out: out.data_ptr() as u64, ..p },
+                geo,
+            )?;
+            return Ok(out);
+        };
+        // The tail's prompts through libtorch first: a failed call leaves the cache as it was.
+        let (r0, t0) = (tail.request, tail.token);
+        let tt = t - t0;
+        let cu_tail = if r0 == 0 {
+            paged.cu_seqlens_q.shallow_clone()
+        } else {
+            paged.cu_seqlens_q.f_narrow(0, r0, n - r0 + 1)?.f_sub_scalar(t0)?
+        };
+        let part = |x: &Tensor| x.f_narrow(0, t0, tt);
+        let (q, k, v) = (part(input.query)?, part(input.key)?, part(input.value)?);
+        let shape = [n - r0, np, ngp, hd];
+        let attended = tch::no_grad(|| self.prompts((&q, &k, &v), &cu_tail, paged, shape))?;
+        // The head (decode tokens, continued chunks) through our kernel, which appends it.
+        let out = if t0 > 0 { Some(empty()?) } else { None };
+        if let Some(out) = &out {
+            let p = Params { out: out.data_ptr() as u64, ..p };
+            let head = Geometry {
+                n_rows: r0,
+                max_q: tail.head_max_seqlen_q,
+                max_keys: tail.head_max_seqlen_k,
+                capacity: tail.head_max_seqlen_k,
+                total_tokens: t0,
+                ..geo
+            };
+            launch(true, self.path, kind, hd, ordinal, p, head)?;
+        }
+        // The tail's append: its rows of the inputs, lengths and block table.
+        let row = (ngp * hd * kind.elt_size_in_bytes() as i64) as u64;
+        let appended = Params {
+            k_new: p.k_new + t0 as u64 * row,
+            v_new: p.v_new + t0 as u64 * row,
+            cu_q: cu_tail.data_ptr() as u64,
+            kv_len: p.kv_len + 4 * r0 as u64,
+            block_table: p.block_table + 4 * (r0 * bt[1]) as u64,
+            ..p
+        };
+        append(kind, hd, ordinal, appended, (n - r0, ngp, tt))?;
+        let Some(out) = out else { return Ok(attended) };
+        out.f_narrow(0, t0, tt)?.f_copy_(&attended)?;
         Ok(out)
     }
 }
 
 impl CudaPagedAttention {
-    /// Causal attention of a step's prompts over their own keys and values (see the type's
-    /// documentation): `[t, 1, np * hd]`.
+    /// Causal attention of prompts over their own keys and values (see the type's
+    /// documentation): `q` `[tt, 1, np, hd]`, `k`, `v` `[tt, 1, ngp, hd]`, `cu` the `n + 1`
+    /// prompts' offsets in them; out `[tt, 1, np * hd]`.
     fn prompts(
         &self,
-        input: &CoreAttentionInput<'_>,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        cu: &Tensor,
         paged: &PagedKv<'_>,
-        [t, n, np, ngp, hd]: [i64; 5],
+        [n, np, ngp, hd]: [i64; 4],
     ) -> Result<Tensor, Error> {
-        let (q, k, v) = (input.query, input.key, input.value);
+        let tt = q.size()[0];
         if n == 1 {
             let call = PlainSdpa { causal: true, scale: self.scale, dropout: 0.0, gqa: np != ngp };
             return crate::shim::sdpa_sbhd(q, k, v, LIBTORCH_CHOICE, &call);
         }
+        // The longest prompt is at most the step's longest query run.
         let [out, ..] = crate::shim::flash_varlen_forward(
-            &q.f_view([t, np, hd])?,
-            &k.f_view([t, ngp, hd])?,
-            &v.f_view([t, ngp, hd])?,
-            paged.cu_seqlens_q,
-            paged.cu_seqlens_q,
+            &q.f_view([tt, np, hd])?,
+            &k.f_view([tt, ngp, hd])?,
+            &v.f_view([tt, ngp, hd])?,
+            cu,
+            cu,
             paged.max_seqlen_q,
             paged.max_seqlen_q,
             0.0,
             true,
             self.scale,
         )?;
-        Ok(out.f_view([t, 1, np * hd])?)
+        Ok(out.f_view([tt, 1, np * hd])?)
     }
 }
 

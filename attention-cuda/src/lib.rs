@@ -8,8 +8,8 @@
 //! * `paged-attention-cuda` ([`decode::CudaPagedAttention`]): `flash_decode_and_prefill` over the
 //!   paged cache — decode tokens and chunked-prefill tokens of many requests in one launch, any
 //!   block size, bottom-right causal, GQA-aware, split-KV, appending the step's keys and values.
-//!   Long steps of prompts without cached keys go to libtorch's fused kernels on the inputs,
-//!   with only the append ours. Select it with `DynamicContextOptions::paged_attention`.
+//!   A step's long trailing prompts without cached keys go to libtorch's fused kernels on the
+//!   inputs, with only their append ours. Select it with `DynamicContextOptions::paged_attention`.
 //! * `sdpa-cuda` ([`sdpa::SdpaCuda`]): the SDPA core attention with the backend set from the spec
 //!   (`params = { backend = "cudnn" | "flash" | "efficient" | "math" | "auto" }`) and reported,
 //!   and packed THD sequences through libtorch's variable-length flash attention (forward and

@@ -35,7 +35,9 @@ use std::collections::BTreeMap;
 use attention_core::inference::{InferenceContext, LayerContext, Qkv};
 use attention_core::rotary::apply_rotary_pos_emb;
 use attention_core::{AttentionInput, RotaryPosEmb};
-use attention_spec::module::{AttentionType, CoreAttention, CoreAttentionInput, PagedKv};
+use attention_spec::module::{
+    AttentionType, CoreAttention, CoreAttentionInput, PagedKv, PromptTail,
+};
 use attention_spec::registry::{Builder, CoreAttentionArgs, Params};
 use attention_spec::{AttnMaskType, ForwardError, Registry, Role, SpecError, TransformerConfig};
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -142,8 +144,20 @@ pub struct StepMetadata {
     pub max_seqlen_q: i64,
     /// Longest key run.
     pub max_seqlen_k: i64,
-    /// No request of the step has cached keys (every one is a prompt's first chunk).
-    pub no_cached_keys: bool,
+    /// The step's trailing requests without cached keys (prompts' first chunks), if any.
+    pub prompt_tail: Option<PromptTail>,
+}
+
+/// The entries after the last one with cached keys, with the bounds of those before.
+fn prompt_tail(plan: &StepPlan, q_lens: &[i32], k_lens: &[i32]) -> Option<PromptTail> {
+    let first = plan.entries.iter().rposition(|e| e.start > 0).map_or(0, |i| i + 1);
+    let longest = |v: &[i32]| v.iter().copied().max().unwrap_or(0) as i64;
+    (first < plan.entries.len()).then(|| PromptTail {
+        request: first as i64,
+        token: q_lens[..first].iter().map(|&l| l as i64).sum(),
+        head_max_seqlen_q: longest(&q_lens[..first]),
+        head_max_seqlen_k: longest(&k_lens[..first]),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -464,7 +478,7 @@ impl DynamicInferenceContext {
             cu_seqlens_k: t(&cumsum(&k_lens)),
             max_seqlen_q: q_lens.iter().copied().max().unwrap_or(0) as i64,
             max_seqlen_k: k_lens.iter().copied().max().unwrap_or(0) as i64,
-            no_cached_keys: plan.entries.iter().all(|e| e.start == 0),
+            prompt_tail: prompt_tail(plan, &q_lens, &k_lens),
             query_lengths: t(&q_lens),
             kv_seq_lengths: t(&k_lens),
             block_table: t(&table).reshape([n as i64, max_blocks as i64]),
@@ -597,7 +611,7 @@ impl InferenceContext for DynamicInferenceContext {
             seqlens_k: &meta.kv_seq_lengths,
             max_seqlen_q: meta.max_seqlen_q,
             max_seqlen_k: meta.max_seqlen_k,
-            no_cached_keys: meta.no_cached_keys,
+            prompt_tail: meta.prompt_tail,
         };
         self.paged.forward_paged(&input, &paged)
     }

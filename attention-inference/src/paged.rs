@@ -156,6 +156,26 @@ impl CoreAttention for PagedAttention {
             });
         }
         // Every request's lengths, before anything is written.
+        let tail_from = match paged.prompt_tail {
+            None => lens_k.len(),
+            Some(tail) => {
+                let first = usize::try_from(tail.request).ok().filter(|&r| r <= lens_k.len());
+                match first {
+                    Some(r) if cu_q[r] == tail.token => r,
+                    _ => {
+                        return Err(ForwardError::Invalid {
+                            name: "prompt_tail",
+                            reason: format!(
+                                "request {} at token {} in a step of {} requests split at {cu_q:?}",
+                                tail.request,
+                                tail.token,
+                                lens_k.len()
+                            ),
+                        });
+                    }
+                }
+            }
+        };
         for (i, &lk) in lens_k.iter().enumerate() {
             let lq = cu_q[i + 1] - cu_q[i];
             if lk < lq || (lk + bs - 1) / bs > max_blocks {
@@ -166,10 +186,10 @@ impl CoreAttention for PagedAttention {
                     ),
                 });
             }
-            if paged.no_cached_keys && lk != lq {
+            if i >= tail_from && lk != lq {
                 return Err(ForwardError::Invalid {
-                    name: "no_cached_keys",
-                    reason: format!("request {i} has {} cached keys", lk - lq),
+                    name: "prompt_tail",
+                    reason: format!("request {i} of the tail has {} cached keys", lk - lq),
                 });
             }
         }
@@ -248,12 +268,13 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use attention_spec::AttnMaskType;
+    use attention_spec::module::PromptTail;
 
     use super::*;
 
-    /// Lengths that contradict the step (fewer keys than queries in the second request, or
-    /// cached keys under `no_cached_keys`) are refused before the append: the caches are
-    /// unchanged. The same step with true lengths runs.
+    /// Lengths that contradict the step (fewer keys than queries in the second request, cached
+    /// keys in the prompt tail, a tail that does not start at its request's first token) are
+    /// refused before the append: the caches are unchanged. True ones run.
     #[test]
     fn contradicting_lengths_leave_the_cache_unchanged() -> Result<(), ForwardError> {
         let (nb, bs, ngp, np, hn) = (4, 4, 1, 2, 8);
@@ -267,7 +288,7 @@ mod tests {
         let slots = Tensor::from_slice(&[0i64, 1, 8, 9]);
         let table = Tensor::from_slice(&[0i32, 1, 2, 3]).view([2, 2]);
         let cu = Tensor::from_slice(&[0i32, 2, 4]);
-        let step = |lens: [i32; 2], no_cached_keys: bool| {
+        let step = |lens: [i32; 2], prompt_tail: Option<PromptTail>| {
             let lens = Tensor::from_slice(&lens);
             let paged = PagedKv {
                 key_cache: &kc,
@@ -278,21 +299,26 @@ mod tests {
                 seqlens_k: &lens,
                 max_seqlen_q: 2,
                 max_seqlen_k: 5,
-                no_cached_keys,
+                prompt_tail,
             };
             PagedAttention { scale: 0.5 }.forward_paged(&input, &paged)
         };
-        for (lens, promise, field) in
-            [([5, 1], false, "seqlens_k"), ([5, 2], true, "no_cached_keys")]
-        {
+        let second = |token| Some(PromptTail { request: 1, token, ..PromptTail::ALL });
+        for (lens, promise, field) in [
+            ([5, 1], None, "seqlens_k"),
+            ([5, 2], Some(PromptTail::ALL), "prompt_tail"),
+            ([5, 2], second(1), "prompt_tail"),
+            ([2, 5], second(2), "prompt_tail"),
+        ] {
             match step(lens, promise) {
                 Err(ForwardError::Invalid { name, .. }) if name == field => {}
-                other => panic!("lengths {lens:?}, promise {promise}: {other:?}"),
+                other => panic!("lengths {lens:?}, tail {promise:?}: {other:?}"),
             }
             assert!(kc.equal(&k0) && vc.equal(&v0), "a refused step wrote the cache");
         }
-        let out = step([2, 2], true)?;
-        assert_eq!(out.size(), [4, 1, np * hn]);
+        for (lens, promise) in [([2, 2], Some(PromptTail::ALL)), ([5, 2], second(2))] {
+            assert_eq!(step(lens, promise)?.size(), [4, 1, np * hn]);
+        }
         Ok(())
     }
 }

@@ -299,10 +299,33 @@ pub struct PagedKv<'a> {
     pub max_seqlen_q: i64,
     /// Longest key run.
     pub max_seqlen_k: i64,
-    /// No request has keys cached before this step: each one's `seqlens_k` equals its query
-    /// tokens (the first chunk of a prompt). A promise from the host, which knows it, so a
-    /// kernel can attend over the step's own keys and values without reading the pages back;
-    /// implementations that read the lengths refuse a false one, others would leave the cached
-    /// keys out. `false` is always correct.
-    pub no_cached_keys: bool,
+    /// The step's last requests that have no keys cached before it (prompts' first chunks), if
+    /// any: their keys are their own new tokens, so a kernel can attend over the inputs without
+    /// reading the pages back. A promise from the host, which knows it; implementations that
+    /// read the lengths refuse a false one, others would leave cached keys out. `None` is
+    /// always correct.
+    pub prompt_tail: Option<PromptTail>,
+}
+
+/// Where a paged step's trailing prompts without cached keys start ([`PagedKv::prompt_tail`]):
+/// requests `request..n`, whose query tokens start at `token` (`cu_seqlens_q[request]`), each
+/// have `seqlens_k` equal to their query tokens. The requests before them (the head: decode
+/// tokens, continued chunks) may have any; `head_max_seqlen_q` and `head_max_seqlen_k` bound
+/// their runs as `max_seqlen_q` and `max_seqlen_k` bound the whole step's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptTail {
+    /// The first request of the tail.
+    pub request: i64,
+    /// Its first query token.
+    pub token: i64,
+    /// Longest query run among the head's requests.
+    pub head_max_seqlen_q: i64,
+    /// Longest key run among the head's requests.
+    pub head_max_seqlen_k: i64,
+}
+
+impl PromptTail {
+    /// A step of prompts only: every request is in the tail.
+    pub const ALL: PromptTail =
+        PromptTail { request: 0, token: 0, head_max_seqlen_q: 0, head_max_seqlen_k: 0 };
 }

@@ -480,7 +480,7 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
                 seqlens_k: &lens,
                 max_seqlen_q: 100,
                 max_seqlen_k: 3001,
-                no_cached_keys: false,
+                prompt_tail: None,
             };
             let out = kernel.run(&input, &pk)?;
             match &first {
@@ -580,7 +580,7 @@ fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
                 seqlens_k: &lens,
                 max_seqlen_q: 40,
                 max_seqlen_k: max_k,
-                no_cached_keys: false,
+                prompt_tail: None,
             };
             kernel.run(&input, &pk)
         };
@@ -652,7 +652,7 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
                 seqlens_k: &lens,
                 max_seqlen_q: 70,
                 max_seqlen_k: 1001,
-                no_cached_keys: false,
+                prompt_tail: None,
             };
             let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
             let out = CudaPagedAttention::new(0.125).with_path(path).run(&input, &pk)?;
@@ -690,111 +690,148 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
     Ok(())
 }
 
-/// Steps of prompts without cached keys (`no_cached_keys`) on the automatic path are attended
-/// by libtorch's kernels on the inputs from `PROMPT_ROUTE_MIN_TOKENS` tokens (SDPA for one
-/// prompt, the variable-length flash forward for several, an empty one included) and appended
-/// by ours; shorter steps run our kernel. The outputs match causal attention in fp32 and the
-/// tensor-core kernel over the pages, and the caches equal that kernel's, bit for bit, for a
-/// block size of 16 and one of 96 (not a power of two). A step whose lengths contradict the
-/// promise is refused before anything is written.
+/// A step's trailing prompts without cached keys (`PagedKv::prompt_tail`) on the automatic
+/// path are attended by libtorch's kernels on the inputs from `PROMPT_ROUTE_MIN_TOKENS` tokens
+/// (SDPA for one prompt, the variable-length flash forward for several, an empty one included)
+/// and appended by ours, while the requests before them (decode tokens, a continued chunk) run
+/// our kernel; shorter tails stay on our kernel. Outputs match attention in fp32 (bottom-right
+/// causal over cached and new keys) and the tensor-core kernel over the whole step, and the
+/// caches equal that kernel's, bit for bit, for a block size of 16 and one of 96 (not a power
+/// of two). A tail outside the step is refused before anything is written.
 #[test]
-fn paged_prompts_without_cached_keys_match_the_kernel() -> Result<()> {
+fn paged_prompt_tails_match_the_kernel() -> Result<()> {
     use attention_cuda::decode::{CudaPagedAttention, PROMPT_ROUTE_MIN_TOKENS};
     use attention_spec::AttnMaskType;
-    use attention_spec::module::{CoreAttentionInput, PagedKv};
+    use attention_spec::module::{CoreAttentionInput, PagedKv, PromptTail};
     tch::manual_seed(23);
     let (hq, hkv) = (8i64, 2i64);
+    // Requests (cached keys, new tokens): a head with cached keys, then fresh prompts.
+    let head = [(700i64, 1i64), (40, 1), (300, 70)];
+    let tails: [&[i64]; 4] = [&[1100], &[600, 300, 200], &[500, 0, 400, 150], &[300, 200]];
+    let steps = tails.iter().map(|&tail| (&[][..], tail)).chain([
+        (&head[..], &[1100][..]),
+        (&head, &[600, 0, 500]),
+        (&head, &[200]),
+    ]);
+    let steps: Vec<_> = steps.collect();
     for (kind, hd) in [(Kind::BFloat16, 128i64), (Kind::Half, 64)] {
         for bs in [16i64, 96] {
-            for lens in [&[1100i64][..], &[600, 300, 200], &[500, 0, 400, 150], &[300, 200]] {
-                let n = lens.len() as i64;
-                let t: i64 = lens.iter().sum();
-                let max_q = lens.iter().copied().max().unwrap_or(0);
-                let per = (max_q + bs - 1) / bs;
+            for (head, prompts) in &steps {
+                let reqs: Vec<(i64, i64)> =
+                    head.iter().copied().chain(prompts.iter().map(|&l| (0, l))).collect();
+                let n = reqs.len() as i64;
+                let t: i64 = reqs.iter().map(|r| r.1).sum();
+                let t0: i64 = head.iter().map(|r| r.1).sum();
+                let per = reqs.iter().map(|&(c, l)| (c + l + bs - 1) / bs).max().unwrap_or(1);
                 let nb = n * per + 3;
                 let table = Tensor::randperm(nb, (Kind::Int64, Device::Cpu)).narrow(0, 0, n * per);
                 let table = table.view([n, per]);
-                let mut slots = Vec::new();
-                let mut cu = vec![0i32];
-                for (r, &l) in lens.iter().enumerate() {
-                    slots.extend(
-                        (0..l).map(|p| table.int64_value(&[r as i64, p / bs]) * bs + p % bs),
+                let slot = |r: usize, p: i64| table.int64_value(&[r as i64, p / bs]) * bs + p % bs;
+                let mut kc = Tensor::randn([nb * bs, hkv, hd], (kind, GPU));
+                let mut vc = Tensor::randn([nb * bs, hkv, hd], (kind, GPU));
+                // Each request's cached keys and values, scattered into its pages.
+                let mut cached_kv = Vec::new();
+                for (r, &(c, _)) in reqs.iter().enumerate() {
+                    let (kr, vr) = (
+                        Tensor::randn([c, hkv, hd], (kind, GPU)),
+                        Tensor::randn([c, hkv, hd], (kind, GPU)),
                     );
+                    let slots: Vec<i64> = (0..c).map(|p| slot(r, p)).collect();
+                    let slots = Tensor::from_slice(&slots).to_device(GPU);
+                    let _ = kc.index_copy_(0, &slots, &kr);
+                    let _ = vc.index_copy_(0, &slots, &vr);
+                    cached_kv.push((kr, vr));
+                }
+                let (kc0, vc0) = (kc.view([nb, bs, hkv, hd]), vc.view([nb, bs, hkv, hd]));
+                let mut new_slots = Vec::new();
+                let mut cu = vec![0i32];
+                for (r, &(c, l)) in reqs.iter().enumerate() {
+                    new_slots.extend((c..c + l).map(|p| slot(r, p)));
                     cu.push(cu[r] + l as i32);
                 }
-                let slots = Tensor::from_slice(&slots).to_device(GPU);
+                let new_slots = Tensor::from_slice(&new_slots).to_device(GPU);
                 let cu = Tensor::from_slice(&cu).to_device(GPU);
-                let seqlens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+                let seqlens: Vec<i32> = reqs.iter().map(|&(c, l)| (c + l) as i32).collect();
                 let seqlens = Tensor::from_slice(&seqlens).to_device(GPU);
                 let table = table.to_kind(Kind::Int).to_device(GPU);
-                let kc0 = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
-                let vc0 = Tensor::randn([nb, bs, hkv, hd], (kind, GPU));
                 let (q, k, v) = (
                     Tensor::randn([t, 1, hq, hd], (kind, GPU)),
                     Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
                     Tensor::randn([t, 1, hkv, hd], (kind, GPU)),
                 );
                 let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
-                let run = |path: KernelPath, max_k: i64| {
+                let longest = |v: &mut dyn Iterator<Item = i64>| v.max().unwrap_or(0);
+                let tail = PromptTail {
+                    request: head.len() as i64,
+                    token: t0,
+                    head_max_seqlen_q: longest(&mut head.iter().map(|r| r.1)),
+                    head_max_seqlen_k: longest(&mut head.iter().map(|r| r.0 + r.1)),
+                };
+                let run = |path: KernelPath, tail: PromptTail| {
                     let (kc, vc) = (kc0.copy(), vc0.copy());
                     let pk = PagedKv {
                         key_cache: &kc,
                         value_cache: &vc,
-                        slot_mapping: &slots,
+                        slot_mapping: &new_slots,
                         block_table: &table,
                         cu_seqlens_q: &cu,
                         seqlens_k: &seqlens,
-                        max_seqlen_q: max_q,
-                        max_seqlen_k: max_k,
-                        no_cached_keys: true,
+                        max_seqlen_q: longest(&mut reqs.iter().map(|r| r.1)),
+                        max_seqlen_k: longest(&mut reqs.iter().map(|r| r.0 + r.1)),
+                        prompt_tail: Some(tail),
                     };
                     let out = CudaPagedAttention::new(0.125).with_path(path).run(&input, &pk);
                     out.map(|o| (o, kc, vc))
                 };
-                let what = format!("{kind:?} hd {hd}, block size {bs}, prompts {lens:?}");
-                let (routed, kr, vr) = run(KernelPath::Auto, max_q)?;
-                let (kernel, kk, vk) = run(KernelPath::TensorCores, max_q)?;
+                let what = format!(
+                    "{kind:?} hd {hd}, block size {bs}, head {head:?}, prompts {prompts:?}"
+                );
+                let (routed, kr, vr) = run(KernelPath::Auto, tail)?;
+                let (kernel, kk, vk) = run(KernelPath::TensorCores, tail)?;
                 if !kr.equal(&kk) || !vr.equal(&vk) {
                     bail!("{what}: the routed step's caches differ from the kernel's");
                 }
-                let new_k = kr.view([nb * bs, hkv, hd]).index_select(0, &slots);
-                let new_v = vr.view([nb * bs, hkv, hd]).index_select(0, &slots);
-                if !new_k.equal(&k.squeeze_dim(1)) || !new_v.equal(&v.squeeze_dim(1)) {
+                let flat = |x: &Tensor| x.view([nb * bs, hkv, hd]).index_select(0, &new_slots);
+                if !flat(&kr).equal(&k.squeeze_dim(1)) || !flat(&vr).equal(&v.squeeze_dim(1)) {
                     bail!("{what}: the new keys or values are not in their slots");
                 }
                 assert_close(&routed, &kernel, 2e-2, 2e-2, &format!("{what}: routed vs kernel"))?;
-                // Short steps stay on our kernel (the same bits); longer ones took libtorch's.
-                if routed.equal(&kernel) != (t < PROMPT_ROUTE_MIN_TOKENS) {
+                // Short tails stay on our kernel (the same bits); longer ones took libtorch's.
+                let (tail_routed, tail_kernel) =
+                    (routed.narrow(0, t0, t - t0), kernel.narrow(0, t0, t - t0));
+                if tail_routed.equal(&tail_kernel) != (t - t0 < PROMPT_ROUTE_MIN_TOKENS) {
                     bail!("{what}: the automatic path's kernel is not the one its length picks");
                 }
                 let mut first = 0;
-                for &l in lens {
-                    let g = hq / hkv;
+                for (r, &(c, l)) in reqs.iter().enumerate() {
                     if l == 0 {
                         continue;
                     }
-                    let heads_first = |x: &Tensor, heads: i64| {
-                        x.narrow(0, first, l)
-                            .view([l, heads, hd])
-                            .to_kind(Kind::Float)
+                    let g = hq / hkv;
+                    let new_part =
+                        |x: &Tensor, heads: i64| x.narrow(0, first, l).view([l, heads, hd]);
+                    let keys = Tensor::cat(&[&cached_kv[r].0, &new_part(&k, hkv)], 0);
+                    let values = Tensor::cat(&[&cached_kv[r].1, &new_part(&v, hkv)], 0);
+                    let heads_first = |x: Tensor| {
+                        x.to_kind(Kind::Float)
                             .transpose(0, 1)
+                            .repeat_interleave_self_int(g, 0, None)
                     };
-                    let (qr, kr, vr) =
-                        (heads_first(&q, hq), heads_first(&k, hkv), heads_first(&v, hkv));
-                    let kr = kr.repeat_interleave_self_int(g, 0, None);
-                    let vr = vr.repeat_interleave_self_int(g, 0, None);
-                    let mask = Tensor::ones([l, l], (Kind::Bool, GPU)).triu(1);
+                    let (kr, vr) = (heads_first(keys), heads_first(values));
+                    let qr = new_part(&q, hq).to_kind(Kind::Float).transpose(0, 1);
+                    // Query j sees keys 0..=c + j.
+                    let mask = Tensor::ones([l, c + l], (Kind::Bool, GPU)).triu(c + 1);
                     let scores = qr.matmul(&kr.transpose(1, 2)) * 0.125;
                     let att = scores.masked_fill(&mask, f64::NEG_INFINITY).softmax(-1, Kind::Float);
                     let reference = att.matmul(&vr).transpose(0, 1).reshape([l, 1, hq * hd]);
                     let got = routed.narrow(0, first, l).to_kind(Kind::Float);
-                    assert_close(&got, &reference, 2e-2, 2e-2, &format!("{what}: {l} tokens"))?;
+                    assert_close(&got, &reference, 2e-2, 2e-2, &format!("{what}: request {r}"))?;
                     first += l;
                 }
-                // The promise contradicted by the step's own bounds: refused (before any write).
-                let refused = run(KernelPath::Auto, max_q + 1);
-                if refused.is_ok() {
-                    bail!("{what}: no_cached_keys with max_seqlen_k > max_seqlen_q was accepted");
+                // A tail past the step is refused (before any write).
+                let past = PromptTail { request: n + 1, ..tail };
+                if run(KernelPath::Auto, past).is_ok() {
+                    bail!("{what}: a prompt tail at request {} was accepted", n + 1);
                 }
             }
         }
@@ -948,7 +985,7 @@ fn programmatic_launches_equal_serial_ones() -> Result<()> {
                 seqlens_k: &lens,
                 max_seqlen_q: 1,
                 max_seqlen_k: len,
-                no_cached_keys: false,
+                prompt_tail: None,
             };
             let input = CoreAttentionInput::new(&x, &x, &x, AttnMaskType::Causal);
             x = kernel.run(&input, &pk)?.view([n, 1, h, hd]);

@@ -296,9 +296,11 @@ struct Coverage {
     chunk_continuations: usize,
     /// Steps holding both decode and prefill tokens.
     mixed_steps: usize,
-    /// Steps of prompts without cached keys (`no_cached_keys`, which the CPU reference
-    /// checks against the lengths).
+    /// Steps of prompts without cached keys only, and steps whose trailing prompts without
+    /// cached keys follow requests with cached keys (`PagedKv::prompt_tail`, which the CPU
+    /// reference checks against the lengths).
     prompt_steps: usize,
+    tail_steps: usize,
 }
 
 /// One random schedule.
@@ -425,7 +427,9 @@ fn run_schedule(seed: u64, device: Device, pk: &PagedKernel, cov: &mut Coverage)
         cov.chunk_continuations += plan.entries.iter().filter(|e| !e.decode && e.start > 0).count();
         let decodes = plan.entries.iter().filter(|e| e.decode).count();
         cov.mixed_steps += usize::from(decodes > 0 && decodes < plan.entries.len());
-        cov.prompt_steps += usize::from(plan.entries.iter().all(|e| e.start == 0));
+        let fresh = plan.entries.iter().rev().take_while(|e| e.start == 0).count();
+        cov.prompt_steps += usize::from(fresh == plan.entries.len());
+        cov.tail_steps += usize::from(fresh > 0 && fresh < plan.entries.len());
         let parts: Vec<Tensor> = plan
             .entries
             .iter()
@@ -487,6 +491,7 @@ fn dynamic_random_schedules_equal_full_forward() -> Result<()> {
             || cov.chunk_continuations < 200
             || cov.mixed_steps < 200
             || cov.prompt_steps < 100
+            || cov.tail_steps < 100
         {
             bail!("the schedules exercised too little: {cov:?}");
         }
