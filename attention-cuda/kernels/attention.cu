@@ -1428,11 +1428,12 @@ __device__ void append_paged(const Params& p) {
   extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_static_##TNAME##_##HD##_mma16g4(Params p) {\
     attend_mma<T, HD, false, 16, 4>(p);                                                                    \
   }
-#define ATTN_COMBINE(TNAME, T, HD)                                                     \
+// The split combine and the append, in every build.
+#define ATTN_EVERY_BUILD(TNAME, T, HD)                                                    \
   extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); } \
   extern "C" __global__ void attn_append_##TNAME##_##HD(Params p) { append_paged<T, HD>(p); }
 #define ATTN_EVERY_PAIRS(TNAME, T, HD) \
-  ATTN_COMBINE(TNAME, T, HD)           \
+  ATTN_EVERY_BUILD(TNAME, T, HD)       \
   ATTN_ATTEND(TNAME, T, HD, 1)         \
   ATTN_ATTEND(TNAME, T, HD, 2)         \
   ATTN_ATTEND(TNAME, T, HD, 4)         \
@@ -1460,9 +1461,9 @@ ATTN_ATTEND_MMA(f16, __half, 32)
 ATTN_ATTEND_MMA(f16, __half, 64)
 ATTN_ATTEND_MMA(f16, __half, 128)
 #elif defined(ATTN_TNAME) && defined(ATTN_MMA)
-#define ATTN_EXPAND_MMA(TN, T, HD) ATTN_COMBINE(TN, T, HD) ATTN_ATTEND_MMA(TN, T, HD)
+#define ATTN_EXPAND_MMA(TN, T, HD) ATTN_EVERY_BUILD(TN, T, HD) ATTN_ATTEND_MMA(TN, T, HD)
 ATTN_EXPAND_MMA(ATTN_TNAME, ATTN_T, ATTN_HD)
 #elif defined(ATTN_TNAME)
-#define ATTN_EXPAND(TN, T, HD, P) ATTN_COMBINE(TN, T, HD) ATTN_ATTEND(TN, T, HD, P)
+#define ATTN_EXPAND(TN, T, HD, P) ATTN_EVERY_BUILD(TN, T, HD) ATTN_ATTEND(TN, T, HD, P)
 ATTN_EXPAND(ATTN_TNAME, ATTN_T, ATTN_HD, ATTN_PAIRS)
 #endif
