@@ -19,9 +19,10 @@
 //!   two parts in two calls and against the one call on the tensor-core kernel: a continued
 //!   chunk, and a prompt's first chunk (which the automatic path attends with libtorch's
 //!   kernels);
-//! * paged prefill: whole prompts (one, or several of one length) through `paged-attention-cuda`
-//!   (each kernel path; the automatic one takes libtorch's kernels from 1024 tokens) against
-//!   SDPA on contiguous memory, causal.
+//! * paged prefill: whole prompts (one, or several of one length; head dimension 128, and 64
+//!   for one prompt of 1024 or 4096) through `paged-attention-cuda` (each kernel path; the
+//!   automatic one takes libtorch's kernels from 1024 tokens at head dimension 128, 2048 at 64)
+//!   against SDPA on contiguous memory, causal.
 //!
 //! Time: each function of a case (ours and its baselines) runs `iters` times between device
 //! synchronisations, repeated `reps` times in rounds that take every function of the case in
@@ -269,9 +270,19 @@ mod imp {
         [(512, 32), (1024, 16), (2048, 8), (4096, 4), (8192, 2), (16384, 1)];
     const SHORT_PREFILL_SHAPES: [(i64, i64); 3] = [(128, 1), (256, 1), (512, 1)];
 
-    /// Prompts (count, tokens each) of the paged prefill cases.
-    const PAGED_PROMPTS: [(i64, i64); 8] =
-        [(1, 1024), (1, 4096), (1, 128), (1, 256), (1, 512), (4, 1024), (16, 256), (64, 64)];
+    /// Prompts (count, tokens each, head dimension) of the paged prefill cases.
+    const PAGED_PROMPTS: [(i64, i64, i64); 10] = [
+        (1, 1024, 128),
+        (1, 4096, 128),
+        (1, 128, 128),
+        (1, 256, 128),
+        (1, 512, 128),
+        (4, 1024, 128),
+        (16, 256, 128),
+        (64, 64, 128),
+        (1, 1024, 64),
+        (1, 4096, 64),
+    ];
 
     /// Core attention forward and forward+backward, `sdpa-cuda` against libtorch's SDPA called
     /// directly and against the generic `sdpa` kind, for (sequence, batch) `shapes`.
@@ -814,9 +825,10 @@ mod imp {
         }
         // Whole prompts prefilled through the paged cache (appending their keys and values)
         // against SDPA's default backend on contiguous memory, causal: `auto` takes libtorch's
-        // kernels on the inputs for such steps (`PROMPT_ROUTE_MIN_TOKENS`), `tensor cores` is
+        // kernels on the inputs for such steps (`prompt_route_min_tokens`), `tensor cores` is
         // our kernel over the pages.
-        for (n, s) in PAGED_PROMPTS {
+        for (n, s, hd) in PAGED_PROMPTS {
+            let kernel = CudaPagedAttention::new(1.0 / (hd as f64).sqrt());
             let m = paged_memory(n, s, hkv, hd, bs, device);
             let cu = (Tensor::arange(n + 1, (Kind::Int, device)) * s).to_kind(Kind::Int);
             let q = bf16(&[n * s, 1, hq, hd], device);

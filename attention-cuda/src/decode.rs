@@ -203,11 +203,20 @@ impl FlashDecode for CudaFlashDecode {
 
 /// Query tokens (all prompts together) from which the trailing prompts without cached keys of
 /// a step (`PagedKv::prompt_tail`) are attended by libtorch's kernels on the inputs rather than
-/// by ours over the pages. Same-process bench on an H200 (32/8 heads, head dimension 128, causal;
-/// TFLOP/s, libtorch's route vs our kernel): one prompt of 128, 256 and 512 tokens 4.9 vs 8.0,
-/// 19.2 vs 26.0, 64.5 vs 68.9 (the route's host work shows); 1024 173 vs 137, 4096 464 vs 257;
-/// 64 prompts of 64 29.5 vs 20.8, 16 of 256 86.9 vs 71.5, 4 of 1024 179 vs 167.
+/// by ours over the pages, at head dimension 128 ([`prompt_route_min_tokens`] scales it).
+/// Same-process bench on an H200 (32/8 heads, head dimension 128, causal; TFLOP/s, libtorch's
+/// route vs our kernel): one prompt of 128, 256 and 512 tokens 4.9 vs 8.0, 19.2 vs 26.0, 64.5
+/// vs 68.9 (the route's host work shows); 1024 173 vs 137, 4096 464 vs 257; 64 prompts of 64
+/// 29.5 vs 20.8, 16 of 256 86.9 vs 71.5, 4 of 1024 179 vs 167.
 pub const PROMPT_ROUTE_MIN_TOKENS: i64 = 1024;
+
+/// The route's threshold at head dimension `hd`: [`PROMPT_ROUTE_MIN_TOKENS`] x 128 / `hd`. The
+/// route's host work is fixed while its kernels' work shrinks with the head dimension: at 64,
+/// one prompt of 1024 tokens ran 98-100 TFLOP/s routed against our kernel's 123 (H100), 4096
+/// tokens 340-353 against 214-217.
+pub fn prompt_route_min_tokens(hd: i64) -> i64 {
+    PROMPT_ROUTE_MIN_TOKENS * 128 / hd.max(1)
+}
 
 /// `paged-attention-cuda`: `flash_decode_and_prefill` over the paged cache.
 ///
@@ -218,7 +227,7 @@ pub const PROMPT_ROUTE_MIN_TOKENS: i64 = 1024;
 ///
 /// On [`KernelPath::Auto`], a step's trailing prompts without cached keys
 /// (`PagedKv::prompt_tail`: bf16/f16, head dimension 32, 64 or 128, at least
-/// [`PROMPT_ROUTE_MIN_TOKENS`] tokens) need nothing from the pages: their keys are their own
+/// [`prompt_route_min_tokens`] tokens) need nothing from the pages: their keys are their own
 /// inputs. They are attended there by libtorch's fused kernels, causally with GQA (one prompt:
 /// `scaled_dot_product_attention` under the current backend switches, cuDNN's kernel on
 /// H100/H200; several: the variable-length flash forward), and only appended by ours; the
@@ -360,7 +369,7 @@ impl CudaPagedAttention {
         let routed = paged.prompt_tail.filter(|tail| {
             self.path == KernelPath::Auto
                 && tensor_cores_apply(kind, hd)
-                && t - tail.token >= PROMPT_ROUTE_MIN_TOKENS
+                && t - tail.token >= prompt_route_min_tokens(hd)
         });
         let Some(tail) = routed else {
             let out = empty()?;

@@ -691,7 +691,7 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
 }
 
 /// A step's trailing prompts without cached keys (`PagedKv::prompt_tail`) on the automatic
-/// path are attended by libtorch's kernels on the inputs from `PROMPT_ROUTE_MIN_TOKENS` tokens
+/// path are attended by libtorch's kernels on the inputs from `prompt_route_min_tokens` tokens
 /// (SDPA for one prompt, the variable-length flash forward for several, an empty one included)
 /// and appended by ours, while the requests before them (decode tokens, a continued chunk) run
 /// our kernel; shorter tails stay on our kernel. Outputs match attention in fp32 (bottom-right
@@ -700,14 +700,16 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
 /// of two). A tail outside the step is refused before anything is written.
 #[test]
 fn paged_prompt_tails_match_the_kernel() -> Result<()> {
-    use attention_cuda::decode::{CudaPagedAttention, PROMPT_ROUTE_MIN_TOKENS};
+    use attention_cuda::decode::{CudaPagedAttention, prompt_route_min_tokens};
     use attention_spec::AttnMaskType;
     use attention_spec::module::{CoreAttentionInput, PagedKv, PromptTail};
     tch::manual_seed(23);
     let (hq, hkv) = (8i64, 2i64);
     // Requests (cached keys, new tokens): a head with cached keys, then fresh prompts.
     let head = [(700i64, 1i64), (40, 1), (300, 70)];
-    let tails: [&[i64]; 4] = [&[1100], &[600, 300, 200], &[500, 0, 400, 150], &[300, 200]];
+    // Tails over the route's threshold at head dimension 128 only (1024 to 2047 tokens), over it
+    // at both 128 and 64 (2100), and under both (500).
+    let tails: [&[i64]; 5] = [&[1100], &[2100], &[600, 300, 200], &[500, 0, 400, 150], &[300, 200]];
     let steps = tails.iter().map(|&tail| (&[][..], tail)).chain([
         (&head[..], &[1100][..]),
         (&head, &[600, 0, 500]),
@@ -799,7 +801,7 @@ fn paged_prompt_tails_match_the_kernel() -> Result<()> {
                 // Short tails stay on our kernel (the same bits); longer ones took libtorch's.
                 let (tail_routed, tail_kernel) =
                     (routed.narrow(0, t0, t - t0), kernel.narrow(0, t0, t - t0));
-                if tail_routed.equal(&tail_kernel) != (t - t0 < PROMPT_ROUTE_MIN_TOKENS) {
+                if tail_routed.equal(&tail_kernel) != (t - t0 < prompt_route_min_tokens(hd)) {
                     bail!("{what}: the automatic path's kernel is not the one its length picks");
                 }
                 let mut first = 0;
