@@ -17,6 +17,7 @@ use attention_inference::{
     DynamicContextOptions, DynamicInferenceContext, InferenceError, KvMemory,
     StaticInferenceContext,
 };
+use attention_spec::module::PromptTail;
 use attention_spec::{ForwardError, Model};
 use attention_tests::{assert_close, test_devices};
 use tch::nn::VarStore;
@@ -430,6 +431,18 @@ fn run_schedule(seed: u64, device: Device, pk: &PagedKernel, cov: &mut Coverage)
         let fresh = plan.entries.iter().rev().take_while(|e| e.start == 0).count();
         cov.prompt_steps += usize::from(fresh == plan.entries.len());
         cov.tail_steps += usize::from(fresh > 0 && fresh < plan.entries.len());
+        // The step's prompt tail is exactly its trailing fresh entries, bounded by the rest.
+        let head = &plan.entries[..plan.entries.len() - fresh];
+        let want = (fresh > 0).then(|| PromptTail {
+            request: head.len() as i64,
+            token: head.iter().map(|e| e.tokens).sum(),
+            head_max_seqlen_q: head.iter().map(|e| e.tokens).max().unwrap_or(0),
+            head_max_seqlen_k: head.iter().map(|e| e.start + e.tokens).max().unwrap_or(0),
+        });
+        let got = ctx.step_metadata().context("step metadata")?.prompt_tail;
+        if got != want {
+            bail!("seed {seed}: prompt tail {got:?}, expected {want:?}");
+        }
         let parts: Vec<Tensor> = plan
             .entries
             .iter()
