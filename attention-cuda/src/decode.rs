@@ -395,7 +395,8 @@ impl CudaPagedAttention {
         let part = |x: &Tensor| x.f_narrow(0, t0, tt);
         let (q, k, v) = (part(input.query)?, part(input.key)?, part(input.value)?);
         let shape = [n - r0, np, ngp, hd];
-        let attended = tch::no_grad(|| self.prompts((&q, &k, &v), &cu_tail, paged, shape))?;
+        let attended =
+            tch::no_grad(|| self.prompts((&q, &k, &v), &cu_tail, paged.max_seqlen_q, shape))?;
         // The head (decode tokens, continued chunks) through our kernel, which appends it.
         let out = if t0 > 0 { Some(empty()?) } else { None };
         if let Some(out) = &out {
@@ -430,12 +431,12 @@ impl CudaPagedAttention {
 impl CudaPagedAttention {
     /// Causal attention of prompts over their own keys and values (see the type's
     /// documentation): `q` `[tt, 1, np, hd]`, `k`, `v` `[tt, 1, ngp, hd]`, `cu` the `n + 1`
-    /// prompts' offsets in them; out `[tt, 1, np * hd]`.
+    /// prompts' offsets in them, `max_q` at least the longest; out `[tt, 1, np * hd]`.
     fn prompts(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         cu: &Tensor,
-        paged: &PagedKv<'_>,
+        max_q: i64,
         [n, np, ngp, hd]: [i64; 4],
     ) -> Result<Tensor, Error> {
         let tt = q.size()[0];
@@ -443,15 +444,14 @@ impl CudaPagedAttention {
             let call = PlainSdpa { causal: true, scale: self.scale, dropout: 0.0, gqa: np != ngp };
             return crate::shim::sdpa_sbhd(q, k, v, LIBTORCH_CHOICE, &call);
         }
-        // The longest prompt is at most the step's longest query run.
         let [out, ..] = crate::shim::flash_varlen_forward(
             &q.f_view([tt, np, hd])?,
             &k.f_view([tt, ngp, hd])?,
             &v.f_view([tt, ngp, hd])?,
             cu,
             cu,
-            paged.max_seqlen_q,
-            paged.max_seqlen_q,
+            max_q,
+            max_q,
             0.0,
             true,
             self.scale,

@@ -158,23 +158,18 @@ impl CoreAttention for PagedAttention {
         // Every request's lengths, before anything is written.
         let tail_from = match paged.prompt_tail {
             None => lens_k.len(),
-            Some(tail) => {
-                let first = usize::try_from(tail.request).ok().filter(|&r| r <= lens_k.len());
-                match first {
-                    Some(r) if cu_q[r] == tail.token => r,
-                    _ => {
-                        return Err(ForwardError::Invalid {
-                            name: "prompt_tail",
-                            reason: format!(
-                                "request {} at token {} in a step of {} requests split at {cu_q:?}",
-                                tail.request,
-                                tail.token,
-                                lens_k.len()
-                            ),
-                        });
-                    }
-                }
-            }
+            Some(tail) => usize::try_from(tail.request)
+                .ok()
+                .filter(|&r| r <= lens_k.len() && cu_q[r] == tail.token)
+                .ok_or_else(|| ForwardError::Invalid {
+                    name: "prompt_tail",
+                    reason: format!(
+                        "request {} at token {} in a step of {} requests split at {cu_q:?}",
+                        tail.request,
+                        tail.token,
+                        lens_k.len()
+                    ),
+                })?,
         };
         for (i, &lk) in lens_k.iter().enumerate() {
             let lq = cu_q[i + 1] - cu_q[i];
