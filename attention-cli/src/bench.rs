@@ -22,7 +22,10 @@
 //! * paged prefill: whole prompts (one, or several of one length; head dimension 128, and 64
 //!   for one prompt of 1024 or 4096) through `paged-attention-cuda` (each kernel path; the
 //!   automatic one takes libtorch's kernels from 1024 tokens at head dimension 128, 2048 at 64)
-//!   against SDPA on contiguous memory, causal.
+//!   against SDPA on contiguous memory, causal; and a prompt's later chunk alone (512 to 4096
+//!   new tokens on 1024 to 6144 cached ones) on the automatic path (cuDNN twice and a merge from
+//!   20 GFLOP of work), our kernel and the route at any size, against libtorch's
+//!   variable-length flash forward on contiguous memory (bottom-right causal).
 //!
 //! Time: each function of a case (ours and its baselines) runs `iters` times between device
 //! synchronisations, repeated `reps` times in rounds that take every function of the case in
@@ -72,10 +75,13 @@ mod imp {
     use anyhow::{Context, Result, bail};
     use attention_core::inference::{RotaryCosSin, StaticDecodeStep};
     use attention_core::rotary::apply_rotary_pos_emb;
-    use attention_cuda::decode::{CudaFlashDecode, CudaPagedAttention, KernelPath};
+    use attention_cuda::decode::{
+        CudaFlashDecode, CudaPagedAttention, KernelPath, PROMPT_ROUTE_MIN_TOKENS,
+    };
     use attention_cuda::graph::CudaGraph;
     use attention_spec::module::{
-        AttnMaskType, CoreAttention, CoreAttentionInput, PagedKv, PromptTail,
+        AttnMaskType, ContinuedChunk, CoreAttention, CoreAttentionInput, PackedSeqParams, PagedKv,
+        PromptTail,
     };
     use serde_json::{Value, json};
     use tch::{Device, Kind, Tensor};
@@ -282,6 +288,24 @@ mod imp {
         (64, 64, 128),
         (1, 1024, 64),
         (1, 4096, 64),
+    ];
+
+    /// Prompt chunks (new tokens, cached tokens, head dimension) of the paged chunk cases.
+    const PAGED_CHUNKS: [(i64, i64, i64); 14] = [
+        (128, 4096, 128),
+        (256, 1024, 128),
+        (256, 4096, 128),
+        (512, 1536, 128),
+        (512, 3584, 128),
+        (1024, 1024, 128),
+        (1024, 3072, 128),
+        (2048, 2048, 128),
+        (2048, 6144, 128),
+        (4096, 4096, 128),
+        (512, 3584, 64),
+        (1024, 3072, 64),
+        (2048, 2048, 64),
+        (4096, 4096, 64),
     ];
 
     /// Core attention forward and forward+backward, `sdpa-cuda` against libtorch's SDPA called
@@ -683,6 +707,7 @@ mod imp {
                         max_seqlen_q: 1,
                         max_seqlen_k: l,
                         prompt_tail: None,
+                        continued_chunk: None,
                     };
                     let bytes = (2 * b * l * hkv * hd * 2
                         + 2 * b * hq * hd * 2
@@ -753,33 +778,35 @@ mod imp {
             slots.push(m.slots(nd, cached, lp));
             let slots = Tensor::cat(&slots, 0);
             let fresh = cached == 0;
-            let run = |kernel: CudaPagedAttention,
-                       (q, k, v): (&Tensor, &Tensor, &Tensor),
-                       (cu, lens, table): (&Tensor, &Tensor, &Tensor),
-                       max_q: i64,
-                       prompt_tail: Option<PromptTail>|
-             -> Result<()> {
-                let input = CoreAttentionInput::new(q, k, v, AttnMaskType::Causal);
-                // The slots of these tokens: the decode rows come first, the prefill chunk last.
-                let n = if q.size()[0] == lp {
-                    slots.narrow(0, nd, lp)
-                } else {
-                    slots.narrow(0, 0, q.size()[0])
+            let run =
+                |kernel: CudaPagedAttention,
+                 (q, k, v): (&Tensor, &Tensor, &Tensor),
+                 (cu, lens, table): (&Tensor, &Tensor, &Tensor),
+                 max_q: i64,
+                 (prompt_tail, continued_chunk): (Option<PromptTail>, Option<ContinuedChunk>)|
+                 -> Result<()> {
+                    let input = CoreAttentionInput::new(q, k, v, AttnMaskType::Causal);
+                    // The slots of these tokens: the decode rows come first, the prefill chunk last.
+                    let n = if q.size()[0] == lp {
+                        slots.narrow(0, nd, lp)
+                    } else {
+                        slots.narrow(0, 0, q.size()[0])
+                    };
+                    let pk = PagedKv {
+                        key_cache: &m.kc,
+                        value_cache: &m.vc,
+                        slot_mapping: &n,
+                        block_table: table,
+                        cu_seqlens_q: cu,
+                        seqlens_k: lens,
+                        max_seqlen_q: max_q,
+                        max_seqlen_k: ld,
+                        prompt_tail,
+                        continued_chunk,
+                    };
+                    let _ = kernel.run(&input, &pk)?;
+                    Ok(())
                 };
-                let pk = PagedKv {
-                    key_cache: &m.kc,
-                    value_cache: &m.vc,
-                    slot_mapping: &n,
-                    block_table: table,
-                    cu_seqlens_q: cu,
-                    seqlens_k: lens,
-                    max_seqlen_q: max_q,
-                    max_seqlen_k: ld,
-                    prompt_tail,
-                };
-                let _ = kernel.run(&input, &pk)?;
-                Ok(())
-            };
             let all = (&q, &k, &v);
             let all_meta = (&cu_q, &kv_len, &m.table);
             let tail = fresh.then_some(PromptTail {
@@ -788,6 +815,15 @@ mod imp {
                 head_max_seqlen_q: 1,
                 head_max_seqlen_k: ld,
             });
+            let chunk = ContinuedChunk {
+                request: nd,
+                token: nd,
+                tokens: lp,
+                cached,
+                before_max_seqlen_q: 1,
+                before_max_seqlen_k: ld,
+            };
+            let chunk = (!fresh).then_some(chunk);
             let dec_cu = cu_q.narrow(0, 0, nd + 1);
             let dec = (q.narrow(0, 0, nd), k.narrow(0, 0, nd), v.narrow(0, 0, nd));
             let dec_meta = (kv_len.narrow(0, 0, nd), m.table.narrow(0, 0, nd));
@@ -795,19 +831,26 @@ mod imp {
             let pre = (q.narrow(0, nd, lp), k.narrow(0, nd, lp), v.narrow(0, nd, lp));
             let pre_meta = (kv_len.narrow(0, nd, 1), m.table.narrow(0, nd, 1));
             let pre_tail = fresh.then_some(PromptTail::ALL);
+            let pre_chunk = chunk.map(|c| ContinuedChunk {
+                request: 0,
+                token: 0,
+                before_max_seqlen_q: 0,
+                before_max_seqlen_k: 0,
+                ..c
+            });
             let tensor_cores = kernel.with_path(KernelPath::TensorCores);
             let t = time_each(
                 device,
                 reps,
                 &mut [
-                    timed(5, || run(kernel, all, all_meta, lp, tail)),
+                    timed(5, || run(kernel, all, all_meta, lp, (tail, chunk))),
                     timed(5, || {
                         let dec_meta = (&dec_cu, &dec_meta.0, &dec_meta.1);
-                        run(kernel, (&dec.0, &dec.1, &dec.2), dec_meta, 1, None)?;
+                        run(kernel, (&dec.0, &dec.1, &dec.2), dec_meta, 1, (None, None))?;
                         let pre_meta = (&pre_cu, &pre_meta.0, &pre_meta.1);
-                        run(kernel, (&pre.0, &pre.1, &pre.2), pre_meta, lp, pre_tail)
+                        run(kernel, (&pre.0, &pre.1, &pre.2), pre_meta, lp, (pre_tail, pre_chunk))
                     }),
-                    timed(5, || run(tensor_cores, all, all_meta, lp, tail)),
+                    timed(5, || run(tensor_cores, all, all_meta, lp, (tail, chunk))),
                 ],
             )?;
             let case = if fresh {
@@ -848,6 +891,7 @@ mod imp {
                 max_seqlen_q: s,
                 max_seqlen_k: s,
                 prompt_tail: Some(PromptTail::ALL),
+                continued_chunk: None,
             };
             let (qb, kb, vb) =
                 (q.view([n, s, hq, hd]), k.view([n, s, hkv, hd]), v.view([n, s, hkv, hd]));
@@ -874,6 +918,88 @@ mod imp {
                     ("serial launch", tf(per_path[3])),
                     ("sdpa contiguous", tf(sdpa)),
                 ],
+                "TFLOP/s",
+            );
+        }
+        // A prompt's later chunk alone (new tokens on cached ones, bottom-right causal) through
+        // the paged cache: `auto` takes cuDNN over the gathered cached keys and over the chunk's
+        // own, merged, from `CHUNK_ROUTE_MIN_FLOP`; `tensor cores` is our kernel over the pages,
+        // `routed` the route at any size; the baseline is libtorch's variable-length flash
+        // forward (bottom-right causal) on contiguous memory (`sdpa-cuda` on packed sequences).
+        for (lp, cached, hd) in PAGED_CHUNKS {
+            let kernel = CudaPagedAttention::new(1.0 / (hd as f64).sqrt());
+            let lk = cached + lp;
+            let m = paged_memory(1, lk, hkv, hd, bs, device);
+            let cu = Tensor::from_slice(&[0i32, lp as i32]).to_device(device);
+            let q = bf16(&[lp, 1, hq, hd], device);
+            let k = bf16(&[lp, 1, hkv, hd], device);
+            let v = bf16(&[lp, 1, hkv, hd], device);
+            let flops =
+                4.0 * (hq * hd) as f64 * (lp * cached) as f64 + 2.0 * (hq * hd * lp * lp) as f64;
+            let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
+            let slots = m.slots(0, cached, lp);
+            let chunk = ContinuedChunk {
+                request: 0,
+                token: 0,
+                tokens: lp,
+                cached,
+                before_max_seqlen_q: 0,
+                before_max_seqlen_k: 0,
+            };
+            let pk = PagedKv {
+                key_cache: &m.kc,
+                value_cache: &m.vc,
+                slot_mapping: &slots,
+                block_table: &m.table,
+                cu_seqlens_q: &cu,
+                seqlens_k: &m.kv_len,
+                max_seqlen_q: lp,
+                max_seqlen_k: lk,
+                prompt_tail: None,
+                continued_chunk: Some(chunk),
+            };
+            let flash = core("sdpa-cuda", hq, hkv, hd, true)?;
+            let (kf, vf) = (bf16(&[lk, 1, hkv, hd], device), bf16(&[lk, 1, hkv, hd], device));
+            let packed = PackedSeqParams {
+                cu_seqlens_q: cu.shallow_clone(),
+                cu_seqlens_kv: Tensor::from_slice(&[0i32, lk as i32]).to_device(device),
+                max_seqlen_q: lp,
+                max_seqlen_kv: lk,
+            };
+            let contiguous = CoreAttentionInput {
+                packed_seq_params: Some(&packed),
+                ..CoreAttentionInput::new(&q, &kf, &vf, AttnMaskType::Causal)
+            };
+            let tensor_cores = kernel.with_path(KernelPath::TensorCores);
+            let routed = kernel.with_route_thresholds(PROMPT_ROUTE_MIN_TOKENS, 0.0);
+            let t = time_each(
+                device,
+                reps,
+                &mut [
+                    timed(5, || {
+                        let _ = kernel.run(&input, &pk)?;
+                        Ok(())
+                    }),
+                    timed(5, || {
+                        let _ = tensor_cores.run(&input, &pk)?;
+                        Ok(())
+                    }),
+                    timed(5, || {
+                        let _ = routed.run(&input, &pk)?;
+                        Ok(())
+                    }),
+                    timed(5, || {
+                        let _ = flash.forward(&contiguous)?;
+                        Ok(())
+                    }),
+                ],
+            )?;
+            let tf = |t: f64| flops / t / 1e12;
+            report.add(
+                "prefill",
+                format!("paged {hq}/{hkv} hd{hd} chunk {lp} on {cached}"),
+                ("paged kernel", tf(t[0])),
+                &[("tensor cores", tf(t[1])), ("routed", tf(t[2])), ("flash contiguous", tf(t[3]))],
                 "TFLOP/s",
             );
         }

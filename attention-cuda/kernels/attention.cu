@@ -1369,10 +1369,55 @@ __device__ void append_paged(const Params& p) {
   }
 }
 
+// Two attentions of the same queries over disjoint key sets, merged into the attention over
+// both (a prompt's chunk over its cached keys and over its own, each from libtorch's kernels):
+// out = a e^lse_a / (e^lse_a + e^lse_b) + b e^lse_b / (e^lse_a + e^lse_b), in fp32. a, b and
+// out are [tokens, heads, HD] with heads HD apart and tokens `*_stride` elements apart (16-byte
+// aligned rows); lse_a and lse_b are natural-log fp32 [heads, tokens], heads `lse_*_head`
+// apart. A part without keys (lse -inf) weighs nothing. One thread per 16 bytes of a row,
+// grid-stride.
+struct MergeParams {
+  unsigned long long a, b, lse_a, lse_b, out;
+  long long a_stride, b_stride, out_stride, lse_a_head, lse_b_head;
+  int tokens, heads;
+};
+
+template <typename T, int HD>
+__device__ void merge_parts(const MergeParams& p) {
+  constexpr int VEC = 16 / sizeof(T), C = HD / VEC;
+  const long long n = (long long)p.tokens * p.heads * C;
+  const long long step = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int c = (int)(i % C) * VEC;
+    const long long row = i / C;
+    const int h = (int)(row % p.heads);
+    const long long tok = row / p.heads;
+    const float la = reinterpret_cast<const float*>(p.lse_a)[h * p.lse_a_head + tok];
+    const float lb = reinterpret_cast<const float*>(p.lse_b)[h * p.lse_b_head + tok];
+    const float m = fmaxf(la, lb);
+    const float ea = la == -INFINITY ? 0.f : expf(la - m);
+    const float eb = lb == -INFINITY ? 0.f : expf(lb - m);
+    const float wa = ea + eb > 0.f ? ea / (ea + eb) : 0.f;
+    const uint4 va = *reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(p.a) + tok * p.a_stride + h * HD + c);
+    const uint4 vb = *reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(p.b) + tok * p.b_stride + h * HD + c);
+    uint4 vo;
+    const T* xa = reinterpret_cast<const T*>(&va);
+    const T* xb = reinterpret_cast<const T*>(&vb);
+    T* xo = reinterpret_cast<T*>(&vo);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float y = to_f<T>(xb[j]);
+      xo[j] = from_f<T>(y + (to_f<T>(xa[j]) - y) * wa);
+    }
+    *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + tok * p.out_stride + h * HD + c) = vo;
+  }
+}
+
 // Entry points: attn_{static|paged}_{bf16|f16|f32}_{head dim}_p{pairs} (CUDA cores),
 // attn_{static|paged}_{bf16|f16}_{head dim}_mma and _mma16 (tensor cores, head dim <= 128; up
 // to 64 or 16 pairs per block),
-// attn_combine_{dtype}_{head dim}, attn_append_{dtype}_{head dim} (in every build).
+// attn_combine_{dtype}_{head dim}, attn_append_{dtype}_{head dim}, attn_merge_{dtype}_{head dim}
+// (in every build).
 // Launch bounds of the CUDA-core builds. The fp32 builds of 4 and 8 pairs and the 16-bit builds
 // of 8 pairs state 2 resident blocks: left to its own heuristic, ptxas caps some of them at 72,
 // 128 or 168 registers and spills a few bytes (tests/ptx.rs fails on any spill).
@@ -1428,10 +1473,11 @@ __device__ void append_paged(const Params& p) {
   extern "C" __global__ void __launch_bounds__(THREADS, 3) attn_static_##TNAME##_##HD##_mma16g4(Params p) {\
     attend_mma<T, HD, false, 16, 4>(p);                                                                    \
   }
-// The split combine and the append, in every build.
-#define ATTN_EVERY_BUILD(TNAME, T, HD)                                                    \
-  extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); } \
-  extern "C" __global__ void attn_append_##TNAME##_##HD(Params p) { append_paged<T, HD>(p); }
+// The split combine, the append and the merge, in every build.
+#define ATTN_EVERY_BUILD(TNAME, T, HD)                                                        \
+  extern "C" __global__ void attn_combine_##TNAME##_##HD(Params p) { combine<T, HD>(p); }     \
+  extern "C" __global__ void attn_append_##TNAME##_##HD(Params p) { append_paged<T, HD>(p); } \
+  extern "C" __global__ void attn_merge_##TNAME##_##HD(MergeParams p) { merge_parts<T, HD>(p); }
 #define ATTN_EVERY_PAIRS(TNAME, T, HD) \
   ATTN_EVERY_BUILD(TNAME, T, HD)       \
   ATTN_ATTEND(TNAME, T, HD, 1)         \

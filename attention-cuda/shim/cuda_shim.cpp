@@ -116,6 +116,25 @@ int attn_sdpa_sbhd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v
   }
 }
 
+// cuDNN's attention with its log-sum-exp, no mask or causal (top-left, square in our use):
+// q [sq, b, hq, d], k/v [sk, b, hkv, d] -> out [sq, b, hq, d] (a view of cuDNN's result, in the
+// layout it chose) and lse [b, hq, sq] fp32, natural log (2 new tensors).
+int attn_cudnn_lse_sbhd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int causal, double scale,
+                        at::Tensor** outs, char* err, int64_t errlen) {
+  try {
+    const auto qp = q->permute({1, 2, 0, 3}), kp = k->permute({1, 2, 0, 3}), vp = v->permute({1, 2, 0, 3});
+    auto r = at::_scaled_dot_product_cudnn_attention(qp, kp, vp, std::nullopt, true, 0.0, causal != 0, false, scale);
+    auto o = std::get<0>(r).permute({2, 0, 1, 3});
+    auto lse = std::get<1>(r).reshape({qp.size(0), qp.size(1), qp.size(2)});
+    outs[0] = new at::Tensor(std::move(o));
+    outs[1] = new at::Tensor(std::move(lse));
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return 1;
+  }
+}
+
 // What libtorch's SDPA backend choice depends on in q, k and v, in one call: for each tensor
 // 14 values (dimensions, the first 4 sizes and strides (-1 past the last), dtype, device type,
 // device index, data pointer modulo 16, requires_grad), then grad mode and the

@@ -4,15 +4,16 @@
 use attention_core::inference::{FlashDecode, StaticDecodeStep};
 use attention_core::sdpa::PlainSdpa;
 use attention_spec::ForwardError;
-use attention_spec::module::{CoreAttention, CoreAttentionInput, PagedKv};
+use attention_spec::module::{ContinuedChunk, CoreAttention, CoreAttentionInput, PagedKv};
 use tch::{Kind, Tensor};
 
 use crate::Error;
 pub use crate::KernelPath;
 use crate::launch::{
-    Geometry, Params, append, check_head_dim, check_tensor, cuda_index, dtype_name, launch,
-    scale_log2, tensor_cores_apply,
+    Geometry, MergeParams, Params, append, check_head_dim, check_tensor, cuda_index, dtype_name,
+    launch, merge, scale_log2, tensor_cores_apply,
 };
+use crate::shim::cudnn_with_lse;
 
 fn size4(name: &'static str, t: &Tensor) -> Result<[i64; 4], Error> {
     <[i64; 4]>::try_from(t.size())
@@ -215,7 +216,31 @@ pub const PROMPT_ROUTE_MIN_TOKENS: i64 = 1024;
 /// one prompt of 1024 tokens ran 98-100 TFLOP/s routed against our kernel's 123 (H100), 4096
 /// tokens 340-353 against 214-217.
 pub fn prompt_route_min_tokens(hd: i64) -> i64 {
-    PROMPT_ROUTE_MIN_TOKENS * 128 / hd.max(1)
+    at_head_dim(PROMPT_ROUTE_MIN_TOKENS, hd)
+}
+
+/// Attention work ([`chunk_flop`]) from which a prompt's later chunk
+/// (`PagedKv::continued_chunk`) is attended by cuDNN over a gathered copy of its cached keys
+/// and over its own rather than by our kernel over the pages. Same-process bench on an H200
+/// (32/8 heads, bf16; TFLOP/s, routed vs our kernel, two processes), new tokens on cached ones
+/// at head dimension 128: 128 on 4096 (8.7 GFLOP) 82 vs 120, 256 on 1024 (4.8) 44-49 vs 68,
+/// 512 on 1536 (15.0) 142-145 vs 161, 256 on 4096 (17.7) 165 vs 141, 1024 on 1024 (25.8) 237-240
+/// vs 89, 512 on 3584 (32.2) 284 vs 183, 4096 on 4096 558-540 vs 240; at 64: 512 on 3584 (16.1)
+/// 88-155 vs 129-133, 1024 on 3072 (30.1) 185-261 vs 92. The route's host work is fixed, so
+/// the threshold is work, not tokens.
+pub const CHUNK_ROUTE_MIN_FLOP: f64 = 2e10;
+
+/// A continued chunk's attention work in FLOP with `heads` query heads of dimension `hd`:
+/// 4 x heads x hd x tokens x (cached + tokens / 2) (two matrix products over its cached keys
+/// and half its own).
+pub fn chunk_flop(c: &ContinuedChunk, heads: i64, hd: i64) -> f64 {
+    4.0 * (heads * hd) as f64 * c.tokens as f64 * (c.cached as f64 + c.tokens as f64 / 2.0)
+}
+
+/// A route threshold of `tokens` at head dimension 128, at `hd` (the route's host work is fixed,
+/// its kernels' work per token proportional to the head dimension).
+fn at_head_dim(tokens: i64, hd: i64) -> i64 {
+    tokens.saturating_mul(128) / hd.max(1)
 }
 
 /// `paged-attention-cuda`: `flash_decode_and_prefill` over the paged cache.
@@ -233,19 +258,45 @@ pub fn prompt_route_min_tokens(hd: i64) -> i64 {
 /// H100/H200; several: the variable-length flash forward), and only appended by ours; the
 /// requests before them (decode tokens, continued chunks) run our kernel, sized by the tail's
 /// `head_max_seqlen_q` and `head_max_seqlen_k`. `max_seqlen_q` must then not understate the
-/// longest prompt (the flash forward covers that many tokens of each). The other paths always
-/// run our kernel over the whole step.
+/// longest prompt (the flash forward covers that many tokens of each).
+///
+/// Likewise a prompt's later chunk (`PagedKv::continued_chunk`, the request before the tail) of
+/// at least [`CHUNK_ROUTE_MIN_FLOP`] of work ([`chunk_flop`]): its cached keys and values are gathered from
+/// its blocks into contiguous memory, cuDNN's kernel attends the chunk over them (no mask) and
+/// over its own new keys (causal), each with its log-sum-exp, and a merge kernel of ours
+/// combines the two into the chunk's rows; the requests before it run our kernel, sized by the
+/// chunk's `before_max_seqlen_q` and `before_max_seqlen_k`, and so do the prompts after it when
+/// they are too few to route. The other paths always run our kernel over the whole step.
+/// [`with_route_thresholds`](Self::with_route_thresholds) moves both thresholds.
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPagedAttention {
     scale: f64,
     path: KernelPath,
     programmatic: bool,
+    /// Route thresholds: prompt tails' tokens at head dimension 128, continued chunks' FLOP.
+    route: (i64, f64),
 }
 
 impl CudaPagedAttention {
-    /// With a softmax scale, on [`KernelPath::Auto`], with programmatic dependent launch.
+    /// With a softmax scale, on [`KernelPath::Auto`], with programmatic dependent launch and the
+    /// default route thresholds.
     pub fn new(scale: f64) -> Self {
-        Self { scale, path: KernelPath::Auto, programmatic: true }
+        Self {
+            scale,
+            path: KernelPath::Auto,
+            programmatic: true,
+            route: (PROMPT_ROUTE_MIN_TOKENS, CHUNK_ROUTE_MIN_FLOP),
+        }
+    }
+
+    /// The same with other route thresholds: on [`KernelPath::Auto`], prompt tails from
+    /// `prompt_tokens` tokens at head dimension 128 (scaled by 128 / head dimension) and
+    /// continued chunks from `chunk_flop` of work ([`chunk_flop`]) go to libtorch's kernels
+    /// (0: always; `i64::MAX` or infinity: never). The defaults, [`PROMPT_ROUTE_MIN_TOKENS`]
+    /// and [`CHUNK_ROUTE_MIN_FLOP`], were measured on H100 and H200 hosts; a slower host may
+    /// want them higher.
+    pub fn with_route_thresholds(self, prompt_tokens: i64, chunk_flop: f64) -> Self {
+        Self { route: (prompt_tokens, chunk_flop), ..self }
     }
 
     /// The same with an explicit kernel path.
@@ -337,6 +388,22 @@ impl CudaPagedAttention {
                 )));
             }
         }
+        if let Some(c) = paged.continued_chunk {
+            let (r, k) = paged.prompt_tail.map_or((n, t), |tail| (tail.request, tail.token));
+            if c.request < 0
+                || c.request + 1 != r
+                || c.token < 0
+                || c.tokens < 1
+                || c.token + c.tokens != k
+                || (c.request == 0 && c.token != 0)
+                || c.cached < 1
+            {
+                return Err(Error::Input(format!(
+                    "continued_chunk {c:?}: not the request that ends at request {r}, token {k} \
+                     (the prompt tail or the step's end) with cached keys"
+                )));
+            }
+        }
         let empty = || Tensor::f_empty([t, 1, np * hd], (kind, device));
         if t == 0 || n == 0 {
             return Ok(empty()?);
@@ -366,66 +433,166 @@ impl CudaPagedAttention {
             heads_per_block: None,
             programmatic: self.programmatic,
         };
-        let routed = paged.prompt_tail.filter(|tail| {
-            self.path == KernelPath::Auto
-                && tensor_cores_apply(kind, hd)
-                && t - tail.token >= prompt_route_min_tokens(hd)
+        // Parts of the step that libtorch's kernels attend from the inputs (the type's docs).
+        let routable = self.path == KernelPath::Auto && tensor_cores_apply(kind, hd);
+        let tail = paged.prompt_tail.filter(|tail| {
+            let tokens = t - tail.token;
+            routable && tokens > 0 && tokens >= at_head_dim(self.route.0, hd)
         });
-        let Some(tail) = routed else {
+        let chunk =
+            paged.continued_chunk.filter(|c| routable && chunk_flop(c, np, hd) >= self.route.1);
+        // The first routed request and token, and the bounds of the requests before them.
+        let first =
+            chunk.map(|c| (c.request, c.token, c.before_max_seqlen_q, c.before_max_seqlen_k));
+        let first = first
+            .or(tail.map(|tl| (tl.request, tl.token, tl.head_max_seqlen_q, tl.head_max_seqlen_k)));
+        let Some((r1, t1, max_q1, max_k1)) = first else {
             let out = empty()?;
-            launch(
-                true,
-                self.path,
-                kind,
-                hd,
-                ordinal,
-                Params { out: out.data_ptr() as u64, ..p },
-                geo,
-            )?;
+            let p = Params { out: out.data_ptr() as u64, ..p };
+            launch(true, self.path, kind, hd, ordinal, p, geo)?;
             return Ok(out);
         };
-        // The tail's prompts through libtorch first: a failed call leaves the cache as it was.
-        let (r0, t0) = (tail.request, tail.token);
-        let tt = t - t0;
-        let cu_tail = if r0 == 0 {
-            paged.cu_seqlens_q.shallow_clone()
-        } else {
-            paged.cu_seqlens_q.f_narrow(0, r0, n - r0 + 1)?.f_sub_scalar(t0)?
+        // libtorch's parts first: a failed call leaves the cache as it was.
+        let attended = match tail {
+            Some(tail) => {
+                let (r0, t0) = (tail.request, tail.token);
+                let cu = offsets(paged.cu_seqlens_q, r0, n, t0)?;
+                let part = |x: &Tensor| x.f_narrow(0, t0, t - t0);
+                let (q, k, v) = (part(input.query)?, part(input.key)?, part(input.value)?);
+                let shape = [n - r0, np, ngp, hd];
+                let max_q = paged.max_seqlen_q;
+                let out = tch::no_grad(|| self.prompts((&q, &k, &v), &cu, max_q, shape))?;
+                Some((tail, out))
+            }
+            None => None,
         };
-        let part = |x: &Tensor| x.f_narrow(0, t0, tt);
-        let (q, k, v) = (part(input.query)?, part(input.key)?, part(input.value)?);
-        let shape = [n - r0, np, ngp, hd];
-        let attended =
-            tch::no_grad(|| self.prompts((&q, &k, &v), &cu_tail, paged.max_seqlen_q, shape))?;
-        // The head (decode tokens, continued chunks) through our kernel, which appends it.
-        let out = if t0 > 0 { Some(empty()?) } else { None };
-        if let Some(out) = &out {
-            let p = Params { out: out.data_ptr() as u64, ..p };
+        let parts = match chunk {
+            Some(c) => Some((c, tch::no_grad(|| self.chunk_parts(input, paged, c))?)),
+            None => None,
+        };
+        let elt = kind.elt_size_in_bytes() as u64;
+        let rows = Rows { q: (np * hd) as u64 * elt, kv: (ngp * hd) as u64 * elt, table: bt[1] };
+        // The routed requests' keys and values (the chunk's, then the tail's: adjacent).
+        let append_routed = || -> Result<(), Error> {
+            let (r2, t2) = match (tail, chunk) {
+                (None, Some(c)) => (c.request + 1, c.token + c.tokens),
+                _ => (n, t),
+            };
+            if t2 > t1 {
+                let cu = offsets(paged.cu_seqlens_q, r1, r2, t1)?;
+                let p = from_request(p, r1, t1, &cu, rows);
+                append(kind, hd, ordinal, p, (r2 - r1, ngp, t2 - t1))?;
+            }
+            Ok(())
+        };
+        let attended = match attended {
+            // Prompts only: their output is the step's.
+            Some((tail, out)) if tail.token == 0 => {
+                append_routed()?;
+                return Ok(out);
+            }
+            other => other,
+        };
+        let out = empty()?;
+        let p = Params { out: out.data_ptr() as u64, ..p };
+        // Our kernel: the requests before the routed ones, and prompts after a routed chunk that
+        // the route leaves (too few tokens); it appends them.
+        if t1 > 0 {
             let head = Geometry {
-                n_rows: r0,
-                max_q: tail.head_max_seqlen_q,
-                max_keys: tail.head_max_seqlen_k,
-                capacity: tail.head_max_seqlen_k,
-                total_tokens: t0,
+                n_rows: r1,
+                max_q: max_q1,
+                max_keys: max_k1,
+                capacity: max_k1,
+                total_tokens: t1,
                 ..geo
             };
             launch(true, self.path, kind, hd, ordinal, p, head)?;
         }
-        // The tail's append: its rows of the inputs, lengths and block table.
-        let row = (ngp * hd * kind.elt_size_in_bytes() as i64) as u64;
-        let appended = Params {
-            k_new: p.k_new + t0 as u64 * row,
-            v_new: p.v_new + t0 as u64 * row,
-            cu_q: cu_tail.data_ptr() as u64,
-            kv_len: p.kv_len + 4 * r0 as u64,
-            block_table: p.block_table + 4 * (r0 * bt[1]) as u64,
-            ..p
-        };
-        append(kind, hd, ordinal, appended, (n - r0, ngp, tt))?;
-        let Some(out) = out else { return Ok(attended) };
-        out.f_narrow(0, t0, tt)?.f_copy_(&attended)?;
+        if let Some(tl) = paged.prompt_tail.filter(|_| chunk.is_some() && tail.is_none())
+            && tl.token < t
+        {
+            let cu = offsets(paged.cu_seqlens_q, tl.request, n, tl.token)?;
+            // Prompts: as many keys as queries.
+            let longest = paged.max_seqlen_q;
+            let prompts = Geometry {
+                n_rows: n - tl.request,
+                max_q: longest,
+                max_keys: longest,
+                capacity: longest,
+                total_tokens: t - tl.token,
+                ..geo
+            };
+            let p = from_request(p, tl.request, tl.token, &cu, rows);
+            launch(true, self.path, kind, hd, ordinal, p, prompts)?;
+        }
+        // The chunk's two parts merged into its rows.
+        if let Some((c, [a, lse_a, b, lse_b])) = &parts {
+            let m = MergeParams {
+                a: a.data_ptr() as u64,
+                b: b.data_ptr() as u64,
+                lse_a: lse_a.data_ptr() as u64,
+                lse_b: lse_b.data_ptr() as u64,
+                out: p.out + c.token as u64 * rows.q,
+                a_stride: a.stride()[0],
+                b_stride: b.stride()[0],
+                out_stride: np * hd,
+                lse_a_head: lse_a.stride()[1],
+                lse_b_head: lse_b.stride()[1],
+                tokens: c.tokens as i32,
+                heads: np as i32,
+            };
+            merge(kind, hd, ordinal, m)?;
+        }
+        append_routed()?;
+        if let Some((tail, attended)) = attended {
+            out.f_narrow(0, tail.token, t - tail.token)?.f_copy_(&attended)?;
+        }
         Ok(out)
     }
+}
+
+/// Byte sizes of a paged step's query (and output) rows and new key (and value) rows, and the
+/// block table's row length in entries.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    q: u64,
+    kv: u64,
+    table: i64,
+}
+
+/// `p` for the step's requests from `r0` on, whose query tokens start at `t0`, with `cu` their
+/// query offsets from there.
+fn from_request(p: Params, r0: i64, t0: i64, cu: &Tensor, rows: Rows) -> Params {
+    let t0 = t0 as u64;
+    Params {
+        q: p.q + t0 * rows.q,
+        out: p.out + t0 * rows.q,
+        k_new: p.k_new + t0 * rows.kv,
+        v_new: p.v_new + t0 * rows.kv,
+        cu_q: cu.data_ptr() as u64,
+        kv_len: p.kv_len + 4 * r0 as u64,
+        block_table: p.block_table + 4 * (r0 * rows.table) as u64,
+        ..p
+    }
+}
+
+/// `cu_seqlens_q[r0..=r1] - t0`: the query offsets of requests `r0..r1` from their first token
+/// `t0` (a view when `r0` is 0).
+fn offsets(cu: &Tensor, r0: i64, r1: i64, t0: i64) -> Result<Tensor, Error> {
+    let part = cu.f_narrow(0, r0, r1 - r0 + 1)?;
+    Ok(if t0 == 0 { part } else { part.f_sub_scalar(t0)? })
+}
+
+/// `x` in the layout the merge reads: `[tokens, 1, heads, hd]` rows of 16-byte aligned chunks,
+/// heads `hd` apart (what cuDNN gives; a copy otherwise).
+fn mergeable(x: Tensor, hd: i64) -> Result<Tensor, Error> {
+    let elt = x.kind().elt_size_in_bytes() as i64;
+    let st = x.stride();
+    let fits = st[3] == 1
+        && st[2] == hd
+        && (st[0] * elt) % 16 == 0
+        && (x.data_ptr() as usize).is_multiple_of(16);
+    Ok(if fits { x } else { x.f_contiguous()? })
 }
 
 impl CudaPagedAttention {
@@ -457,6 +624,41 @@ impl CudaPagedAttention {
             self.scale,
         )?;
         Ok(out.f_view([tt, 1, np * hd])?)
+    }
+}
+
+impl CudaPagedAttention {
+    /// A continued chunk's attention through cuDNN (see the type's documentation): over its
+    /// cached keys, gathered from its blocks, without a mask, and over its own new keys
+    /// causally, each with its log-sum-exp. `[out_a, lse_a, out_b, lse_b]`: outputs
+    /// `[tokens, 1, np, hd]` as the merge reads them, log-sum-exps `[1, np, tokens]` with
+    /// tokens adjacent.
+    fn chunk_parts(
+        &self,
+        input: &CoreAttentionInput<'_>,
+        paged: &PagedKv<'_>,
+        c: ContinuedChunk,
+    ) -> Result<[Tensor; 4], Error> {
+        let [nb, bs, ngp, hd] = size4("key_cache", paged.key_cache)?;
+        let blocks = (c.cached + bs - 1) / bs;
+        // Clamped into the cache: a table that breaks the promise reads wrong keys, never
+        // outside the cache.
+        let ids = paged.block_table.f_select(0, c.request)?.f_narrow(0, 0, blocks)?;
+        let ids = ids.f_clamp(0, nb - 1)?;
+        let gather = |cache: &Tensor| -> Result<Tensor, Error> {
+            let rows = cache.f_index_select(0, &ids)?.f_view([blocks * bs, 1, ngp, hd])?;
+            Ok(rows.f_narrow(0, 0, c.cached)?)
+        };
+        let (kc, vc) = (gather(paged.key_cache)?, gather(paged.value_cache)?);
+        let part = |x: &Tensor| x.f_narrow(0, c.token, c.tokens);
+        let q = part(input.query)?;
+        let (a, lse_a) = cudnn_with_lse(&q, &kc, &vc, false, self.scale)?;
+        let (b, lse_b) =
+            cudnn_with_lse(&q, &part(input.key)?, &part(input.value)?, true, self.scale)?;
+        let lse = |l: Tensor| -> Result<Tensor, Error> {
+            Ok(if l.stride()[2] == 1 { l } else { l.f_contiguous()? })
+        };
+        Ok([mergeable(a, hd)?, lse(lse_a)?, mergeable(b, hd)?, lse(lse_b)?])
     }
 }
 

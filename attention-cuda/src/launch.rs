@@ -70,6 +70,31 @@ pub(crate) struct Params {
 // SAFETY: plain old data with the exact layout of the kernels' `struct Params`.
 unsafe impl DeviceRepr for Params {}
 
+/// `struct MergeParams` of `kernels/attention.cu`, field for field: two attentions of the same
+/// queries over disjoint keys (`a`, `b`, `[tokens, heads, hd]` rows `*_stride` elements apart,
+/// heads `hd` apart) with their natural-log log-sum-exps (`[heads, tokens]`, heads `lse_*_head`
+/// apart), merged into `out`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MergeParams {
+    pub a: u64,
+    pub b: u64,
+    pub lse_a: u64,
+    pub lse_b: u64,
+    pub out: u64,
+    pub a_stride: i64,
+    pub b_stride: i64,
+    pub out_stride: i64,
+    pub lse_a_head: i64,
+    pub lse_b_head: i64,
+    pub tokens: i32,
+    pub heads: i32,
+}
+
+#[expect(unsafe_code, reason = "kernel parameter block")]
+// SAFETY: plain old data with the exact layout of the kernels' `struct MergeParams`.
+unsafe impl DeviceRepr for MergeParams {}
+
 /// The dtype part of kernel names.
 pub(crate) fn dtype_name(kind: Kind) -> Result<&'static str, Error> {
     match kind {
@@ -593,6 +618,36 @@ pub(crate) fn append(
     }
 }
 
+/// Merges two attentions of the same queries over disjoint keys into `p.out` (see
+/// [`MergeParams`]); the caller checked the layouts (16-byte aligned rows, heads `hd` apart).
+pub(crate) fn merge(kind: Kind, hd: i64, device: usize, p: MergeParams) -> Result<(), Error> {
+    let dtype = dtype_name(kind)?;
+    let tile = if tensor_cores_apply(kind, hd) {
+        Tile::TensorCores { rows: MMA_ROWS }
+    } else {
+        Tile::CudaCores { pairs: 1 }
+    };
+    let k = kernels(device, Variant { dtype, head_dim: hd, tile })?;
+    let threads = 256u32;
+    let f = k.function(&format!("attn_merge_{dtype}_{hd}"), threads, 0)?;
+    let lanes =
+        i64::from(p.tokens) * i64::from(p.heads) * hd * kind.elt_size_in_bytes() as i64 / 16;
+    // Grid-stride: a few waves of blocks at most.
+    let blocks = ((lanes + i64::from(threads) - 1) / i64::from(threads)).clamp(1, 64 * k.sm_count);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = k.torch_stream(device)?;
+    #[expect(unsafe_code, reason = "kernel launch on raw libtorch pointers")]
+    // SAFETY: the caller checked every pointer's tensor (dtype, device, layout, shape) and keeps
+    // the tensors alive until the work is queued on libtorch's stream.
+    unsafe {
+        queue(&stream, &f.func, cfg, &p, false)
+    }
+}
+
 /// Queues `func(p)` on `stream`. With `programmatic`, as a programmatic dependent launch: the
 /// grid may be scheduled once the previous kernel on the stream lets it (the kernels here do
 /// once done streaming, `launch_next_grid`; others when their blocks exit), and its blocks
@@ -612,11 +667,11 @@ pub(crate) fn append(
 /// `p` must hold pointers to live device memory of the sizes the kernel reads and writes,
 /// valid until the work has run on `stream` (libtorch's allocator orders reuse after it).
 #[expect(unsafe_code, reason = "raw driver launch")]
-unsafe fn queue(
+unsafe fn queue<P: DeviceRepr>(
     stream: &CudaStream,
     func: &CudaFunction,
     cfg: LaunchConfig,
-    p: &Params,
+    p: &P,
     programmatic: bool,
 ) -> Result<(), Error> {
     let driver = |e| Error::Driver(format!("{e:?}"));

@@ -9,7 +9,9 @@
 //!   paged cache — decode tokens and chunked-prefill tokens of many requests in one launch, any
 //!   block size, bottom-right causal, GQA-aware, split-KV, appending the step's keys and values.
 //!   A step's long trailing prompts without cached keys go to libtorch's fused kernels on the
-//!   inputs, with only their append ours. Select it with `DynamicContextOptions::paged_attention`.
+//!   inputs, with only their append ours; a long prompt chunk over cached keys goes to cuDNN
+//!   twice (over its gathered cached keys, and causally over its own), merged by a kernel of
+//!   ours. Select it with `DynamicContextOptions::paged_attention`.
 //! * `sdpa-cuda` ([`sdpa::SdpaCuda`]): the SDPA core attention with the backend set from the spec
 //!   (`params = { backend = "cudnn" | "flash" | "efficient" | "math" | "auto" }`) and reported,
 //!   and packed THD sequences through libtorch's variable-length flash attention (forward and

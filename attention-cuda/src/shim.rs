@@ -66,6 +66,16 @@ unsafe extern "C" {
         err: *mut c_char,
         errlen: i64,
     ) -> c_int;
+    fn attn_cudnn_lse_sbhd(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        causal: c_int,
+        scale: f64,
+        outs: *mut *mut C_tensor,
+        err: *mut c_char,
+        errlen: i64,
+    ) -> c_int;
     fn attn_sdpa_signature(
         q: *const C_tensor,
         k: *const C_tensor,
@@ -168,6 +178,38 @@ pub(crate) fn sdpa_sbhd(
         }
     })?;
     Ok(adopt(out))
+}
+
+/// cuDNN's attention (`aten::_scaled_dot_product_cudnn_attention`) with its log-sum-exp, no
+/// dropout or bias: `q` `[sq, b, hq, d]`, `k`, `v` `[sk, b, hkv, d]` (GQA: `hq` a multiple of
+/// `hkv`), causal top-left. Returns the output `[sq, b, hq, d]` (a view, in the layout cuDNN
+/// chose) and the natural-log log-sum-exp `[b, hq, sq]` in fp32.
+pub(crate) fn cudnn_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<(Tensor, Tensor), Error> {
+    let mut outs = [std::ptr::null_mut(); 2];
+    checked(|err, len| {
+        // SAFETY: the tensor pointers are live for the call and only read; `outs` has room for
+        // the 2 results.
+        unsafe {
+            attn_cudnn_lse_sbhd(
+                q.as_ptr(),
+                k.as_ptr(),
+                v.as_ptr(),
+                c_int::from(causal),
+                scale,
+                outs.as_mut_ptr(),
+                err,
+                len,
+            )
+        }
+    })?;
+    let [out, lse] = outs.map(adopt);
+    Ok((out, lse))
 }
 
 /// Values of [`sdpa_signature`]: 14 per tensor, then two flags.

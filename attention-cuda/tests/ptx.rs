@@ -48,6 +48,7 @@ fn check(arch: &'static str, v: Variant, ptxas: &Path, dir: &Path) -> Result<()>
     let mut names = vec![
         format!("attn_combine_{}_{}", v.dtype, v.head_dim),
         format!("attn_append_{}_{}", v.dtype, v.head_dim),
+        format!("attn_merge_{}_{}", v.dtype, v.head_dim),
     ];
     for paged in [false, true] {
         names.push(v.attend_name(paged));

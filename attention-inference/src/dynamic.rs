@@ -36,7 +36,7 @@ use attention_core::inference::{InferenceContext, LayerContext, Qkv};
 use attention_core::rotary::apply_rotary_pos_emb;
 use attention_core::{AttentionInput, RotaryPosEmb};
 use attention_spec::module::{
-    AttentionType, CoreAttention, CoreAttentionInput, PagedKv, PromptTail,
+    AttentionType, ContinuedChunk, CoreAttention, CoreAttentionInput, PagedKv, PromptTail,
 };
 use attention_spec::registry::{Builder, CoreAttentionArgs, Params};
 use attention_spec::{AttnMaskType, ForwardError, Registry, Role, SpecError, TransformerConfig};
@@ -146,6 +146,8 @@ pub struct StepMetadata {
     pub max_seqlen_k: i64,
     /// The step's trailing requests without cached keys (prompts' first chunks), if any.
     pub prompt_tail: Option<PromptTail>,
+    /// The prompt chunk over cached keys just before them (or ending the step), if any.
+    pub continued_chunk: Option<ContinuedChunk>,
 }
 
 /// The entries after the last one with cached keys, with the bounds of those before.
@@ -157,6 +159,22 @@ fn prompt_tail(plan: &StepPlan, q_lens: &[i32], k_lens: &[i32]) -> Option<Prompt
         token: q_lens[..first].iter().map(|&l| l as i64).sum(),
         head_max_seqlen_q: longest(&q_lens[..first]),
         head_max_seqlen_k: longest(&k_lens[..first]),
+    })
+}
+
+/// The last entry with cached keys when it is a prompt's chunk rather than a decode token,
+/// with the bounds of the entries before it.
+fn continued_chunk(plan: &StepPlan, q_lens: &[i32], k_lens: &[i32]) -> Option<ContinuedChunk> {
+    let i = plan.entries.iter().rposition(|e| e.start > 0)?;
+    let e = &plan.entries[i];
+    let longest = |v: &[i32]| v.iter().copied().max().unwrap_or(0) as i64;
+    (!e.decode).then(|| ContinuedChunk {
+        request: i as i64,
+        token: q_lens[..i].iter().map(|&l| l as i64).sum(),
+        tokens: e.tokens,
+        cached: e.start,
+        before_max_seqlen_q: longest(&q_lens[..i]),
+        before_max_seqlen_k: longest(&k_lens[..i]),
     })
 }
 
@@ -479,6 +497,7 @@ impl DynamicInferenceContext {
             max_seqlen_q: q_lens.iter().copied().max().unwrap_or(0) as i64,
             max_seqlen_k: k_lens.iter().copied().max().unwrap_or(0) as i64,
             prompt_tail: prompt_tail(plan, &q_lens, &k_lens),
+            continued_chunk: continued_chunk(plan, &q_lens, &k_lens),
             query_lengths: t(&q_lens),
             kv_seq_lengths: t(&k_lens),
             block_table: t(&table).reshape([n as i64, max_blocks as i64]),
@@ -612,6 +631,7 @@ impl InferenceContext for DynamicInferenceContext {
             max_seqlen_q: meta.max_seqlen_q,
             max_seqlen_k: meta.max_seqlen_k,
             prompt_tail: meta.prompt_tail,
+            continued_chunk: meta.continued_chunk,
         };
         self.paged.forward_paged(&input, &paged)
     }

@@ -171,6 +171,25 @@ impl CoreAttention for PagedAttention {
                     ),
                 })?,
         };
+        if let Some(c) = paged.continued_chunk {
+            let fits = usize::try_from(c.request).ok().filter(|&r| {
+                r + 1 == tail_from
+                    && cu_q[r] == c.token
+                    && cu_q[r + 1] - cu_q[r] == c.tokens
+                    && lens_k[r] == c.cached + c.tokens
+                    && c.cached >= 1
+            });
+            if fits.is_none() {
+                return Err(ForwardError::Invalid {
+                    name: "continued_chunk",
+                    reason: format!(
+                        "{c:?} is not the last request before the prompt tail (request \
+                         {tail_from}) with cached keys, in a step split at {cu_q:?} with keys \
+                         {lens_k:?}"
+                    ),
+                });
+            }
+        }
         for (i, &lk) in lens_k.iter().enumerate() {
             let lq = cu_q[i + 1] - cu_q[i];
             if lk < lq || (lk + bs - 1) / bs > max_blocks {
@@ -263,12 +282,13 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use attention_spec::AttnMaskType;
-    use attention_spec::module::PromptTail;
+    use attention_spec::module::{ContinuedChunk, PromptTail};
 
     use super::*;
 
     /// Lengths that contradict the step (fewer keys than queries in the second request, cached
-    /// keys in the prompt tail, a tail that does not start at its request's first token) are
+    /// keys in the prompt tail, a tail that does not start at its request's first token, a
+    /// continued chunk that is not the request before the tail or whose lengths differ) are
     /// refused before the append: the caches are unchanged. True ones run.
     #[test]
     fn contradicting_lengths_leave_the_cache_unchanged() -> Result<(), ForwardError> {
@@ -283,7 +303,7 @@ mod tests {
         let slots = Tensor::from_slice(&[0i64, 1, 8, 9]);
         let table = Tensor::from_slice(&[0i32, 1, 2, 3]).view([2, 2]);
         let cu = Tensor::from_slice(&[0i32, 2, 4]);
-        let step = |lens: [i32; 2], prompt_tail: Option<PromptTail>| {
+        let step = |lens: [i32; 2], (prompt_tail, continued_chunk)| {
             let lens = Tensor::from_slice(&lens);
             let paged = PagedKv {
                 key_cache: &kc,
@@ -295,15 +315,31 @@ mod tests {
                 max_seqlen_q: 2,
                 max_seqlen_k: 5,
                 prompt_tail,
+                continued_chunk,
             };
             PagedAttention { scale: 0.5 }.forward_paged(&input, &paged)
         };
         let second = |token| Some(PromptTail { request: 1, token, ..PromptTail::ALL });
+        let chunk = |request, token, cached| {
+            let c = ContinuedChunk {
+                request,
+                token,
+                tokens: 2,
+                cached,
+                before_max_seqlen_q: 2,
+                before_max_seqlen_k: 5,
+            };
+            Some(c)
+        };
         for (lens, promise, field) in [
-            ([5, 1], None, "seqlens_k"),
-            ([5, 2], Some(PromptTail::ALL), "prompt_tail"),
-            ([5, 2], second(1), "prompt_tail"),
-            ([2, 5], second(2), "prompt_tail"),
+            ([5, 1], (None, None), "seqlens_k"),
+            ([5, 2], (Some(PromptTail::ALL), None), "prompt_tail"),
+            ([5, 2], (second(1), None), "prompt_tail"),
+            ([2, 5], (second(2), None), "prompt_tail"),
+            ([5, 2], (second(2), chunk(0, 0, 2)), "continued_chunk"),
+            ([5, 5], (None, chunk(0, 0, 3)), "continued_chunk"),
+            ([2, 5], (None, chunk(1, 1, 3)), "continued_chunk"),
+            ([2, 2], (None, chunk(1, 2, 0)), "continued_chunk"),
         ] {
             match step(lens, promise) {
                 Err(ForwardError::Invalid { name, .. }) if name == field => {}
@@ -311,7 +347,12 @@ mod tests {
             }
             assert!(kc.equal(&k0) && vc.equal(&v0), "a refused step wrote the cache");
         }
-        for (lens, promise) in [([2, 2], Some(PromptTail::ALL)), ([5, 2], second(2))] {
+        for (lens, promise) in [
+            ([2, 2], (Some(PromptTail::ALL), None)),
+            ([5, 2], (second(2), None)),
+            ([5, 2], (second(2), chunk(0, 0, 3))),
+            ([2, 5], (None, chunk(1, 2, 3))),
+        ] {
             assert_eq!(step(lens, promise)?.size(), [4, 1, np * hn]);
         }
         Ok(())

@@ -305,6 +305,12 @@ pub struct PagedKv<'a> {
     /// read the lengths refuse a false one, others would leave cached keys out. `None` is
     /// always correct.
     pub prompt_tail: Option<PromptTail>,
+    /// The prompt chunk that ends the step's head (the request just before the prompt tail, or
+    /// the step's last request without one) when its request already has keys cached: a
+    /// prompt's later chunk, with its lengths from the host, so that a kernel can attend it
+    /// over a contiguous copy of its cached keys. A promise like `prompt_tail`; `None` is
+    /// always correct.
+    pub continued_chunk: Option<ContinuedChunk>,
 }
 
 /// Where a paged step's trailing prompts without cached keys start ([`PagedKv::prompt_tail`]):
@@ -322,6 +328,27 @@ pub struct PromptTail {
     pub head_max_seqlen_q: i64,
     /// Longest key run among the head's requests.
     pub head_max_seqlen_k: i64,
+}
+
+/// A paged step's prompt chunk over cached keys ([`PagedKv::continued_chunk`]): request
+/// `request`, the last one before the prompt tail (or the step's last), has `tokens` query
+/// tokens from `token` (`cu_seqlens_q[request]`) and `cached + tokens` keys (`seqlens_k`), with
+/// `cached >= 1`. `before_max_seqlen_q` and `before_max_seqlen_k` bound the runs of the requests
+/// before it as `max_seqlen_q` and `max_seqlen_k` bound the whole step's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContinuedChunk {
+    /// The chunk's request.
+    pub request: i64,
+    /// Its first query token.
+    pub token: i64,
+    /// Its query tokens (new keys).
+    pub tokens: i64,
+    /// Its keys cached before the step.
+    pub cached: i64,
+    /// Longest query run among the requests before it.
+    pub before_max_seqlen_q: i64,
+    /// Longest key run among the requests before it.
+    pub before_max_seqlen_k: i64,
 }
 
 impl PromptTail {

@@ -481,6 +481,7 @@ fn repeated_runs(kind: Kind, hd: i64, paths: &[KernelPath]) -> Result<Vec<(Tenso
                 max_seqlen_q: 100,
                 max_seqlen_k: 3001,
                 prompt_tail: None,
+                continued_chunk: None,
             };
             let out = kernel.run(&input, &pk)?;
             match &first {
@@ -581,6 +582,7 @@ fn paged_kernel_stays_exact_with_an_understated_max_seqlen_k() -> Result<()> {
                 max_seqlen_q: 40,
                 max_seqlen_k: max_k,
                 prompt_tail: None,
+                continued_chunk: None,
             };
             kernel.run(&input, &pk)
         };
@@ -653,6 +655,7 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
                 max_seqlen_q: 70,
                 max_seqlen_k: 1001,
                 prompt_tail: None,
+                continued_chunk: None,
             };
             let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
             let out = CudaPagedAttention::new(0.125).with_path(path).run(&input, &pk)?;
@@ -693,16 +696,21 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
 /// A step's trailing prompts without cached keys (`PagedKv::prompt_tail`) on the automatic
 /// path are attended by libtorch's kernels on the inputs from `prompt_route_min_tokens` tokens
 /// (SDPA for one prompt, the variable-length flash forward for several, an empty one included)
-/// and appended by ours, while the requests before them (decode tokens, a continued chunk) run
-/// our kernel; shorter tails stay on our kernel. Outputs match attention in fp32 (bottom-right
-/// causal over cached and new keys) and the tensor-core kernel over the whole step, and the
-/// caches equal that kernel's, bit for bit, for a block size of 16 and one of 96 (not a power
-/// of two). A tail outside the step is refused before anything is written.
+/// and appended by ours, and so is a prompt's later chunk before them
+/// (`PagedKv::continued_chunk`: cuDNN over its gathered cached keys and over its own, merged),
+/// while the requests before those (decode tokens, a short continued chunk) run our kernel;
+/// shorter tails and chunks stay on our kernel, after a routed chunk too. Outputs match
+/// attention in fp32 (bottom-right causal over cached and new keys) and the tensor-core kernel
+/// over the whole step (the same bits where nothing is routed), and the caches equal that
+/// kernel's, bit for bit, for a block size of 16 and one of 96 (not a power of two). A tail
+/// outside the step and a chunk that is not the request before the tail are refused.
 #[test]
 fn paged_prompt_tails_match_the_kernel() -> Result<()> {
-    use attention_cuda::decode::{CudaPagedAttention, prompt_route_min_tokens};
+    use attention_cuda::decode::{
+        CudaPagedAttention, PROMPT_ROUTE_MIN_TOKENS, chunk_flop, prompt_route_min_tokens,
+    };
     use attention_spec::AttnMaskType;
-    use attention_spec::module::{CoreAttentionInput, PagedKv, PromptTail};
+    use attention_spec::module::{ContinuedChunk, CoreAttentionInput, PagedKv, PromptTail};
     tch::manual_seed(23);
     let (hq, hkv) = (8i64, 2i64);
     // Requests (cached keys, new tokens): a head with cached keys, then fresh prompts.
@@ -710,20 +718,36 @@ fn paged_prompt_tails_match_the_kernel() -> Result<()> {
     // Tails over the route's threshold at head dimension 128 only (1024 to 2047 tokens), over it
     // at both 128 and 64 (2100), and under both (500).
     let tails: [&[i64]; 5] = [&[1100], &[2100], &[600, 300, 200], &[500, 0, 400, 150], &[300, 200]];
-    let steps = tails.iter().map(|&tail| (&[][..], tail)).chain([
-        (&head[..], &[1100][..]),
-        (&head, &[600, 0, 500]),
-        (&head, &[200]),
+    // Continued chunks (cached keys, new tokens) before the tails, routed here from 6 GFLOP
+    // (8 query heads): at head dimension 128 only, at both (3000, 2100 and 800, 2100), at
+    // neither (50, 600).
+    let chunk_min = 6e9;
+    // A step: its head (cached keys, new tokens), its continued chunk, its prompts.
+    type Step<'a> = (&'a [(i64, i64)], Option<(i64, i64)>, &'a [i64]);
+    let steps = tails.iter().map(|&tail| (&[][..], None, tail)).chain([
+        (&head[..], None, &[1100][..]),
+        (&head, None, &[600, 0, 500]),
+        (&head, None, &[200]),
+        (&[], Some((1500, 1100)), &[]),
+        (&head, Some((3000, 2100)), &[]),
+        (&head, Some((800, 2100)), &[1100]),
+        (&head[..2], Some((2000, 1100)), &[300]),
+        (&[], Some((50, 600)), &[200]),
     ]);
-    let steps: Vec<_> = steps.collect();
+    let steps: Vec<Step<'_>> = steps.collect();
     for (kind, hd) in [(Kind::BFloat16, 128i64), (Kind::Half, 64)] {
         for bs in [16i64, 96] {
-            for (head, prompts) in &steps {
-                let reqs: Vec<(i64, i64)> =
-                    head.iter().copied().chain(prompts.iter().map(|&l| (0, l))).collect();
+            for &(head, chunk, prompts) in &steps {
+                let reqs: Vec<(i64, i64)> = head
+                    .iter()
+                    .copied()
+                    .chain(chunk)
+                    .chain(prompts.iter().map(|&l| (0, l)))
+                    .collect();
                 let n = reqs.len() as i64;
                 let t: i64 = reqs.iter().map(|r| r.1).sum();
-                let t0: i64 = head.iter().map(|r| r.1).sum();
+                let before: i64 = head.iter().map(|r| r.1).sum();
+                let t0 = before + chunk.map_or(0, |c| c.1);
                 let per = reqs.iter().map(|&(c, l)| (c + l + bs - 1) / bs).max().unwrap_or(1);
                 let nb = n * per + 3;
                 let table = Tensor::randperm(nb, (Kind::Int64, Device::Cpu)).narrow(0, 0, n * per);
@@ -763,13 +787,23 @@ fn paged_prompt_tails_match_the_kernel() -> Result<()> {
                 );
                 let input = CoreAttentionInput::new(&q, &k, &v, AttnMaskType::Causal);
                 let longest = |v: &mut dyn Iterator<Item = i64>| v.max().unwrap_or(0);
+                let r0 = (head.len() + usize::from(chunk.is_some())) as i64;
                 let tail = PromptTail {
-                    request: head.len() as i64,
+                    request: r0,
                     token: t0,
-                    head_max_seqlen_q: longest(&mut head.iter().map(|r| r.1)),
-                    head_max_seqlen_k: longest(&mut head.iter().map(|r| r.0 + r.1)),
+                    head_max_seqlen_q: longest(&mut reqs[..r0 as usize].iter().map(|r| r.1)),
+                    head_max_seqlen_k: longest(&mut reqs[..r0 as usize].iter().map(|r| r.0 + r.1)),
                 };
-                let run = |path: KernelPath, tail: PromptTail| {
+                let tail = (!prompts.is_empty()).then_some(tail);
+                let chunk = chunk.map(|(cached, tokens)| ContinuedChunk {
+                    request: head.len() as i64,
+                    token: before,
+                    tokens,
+                    cached,
+                    before_max_seqlen_q: longest(&mut head.iter().map(|r| r.1)),
+                    before_max_seqlen_k: longest(&mut head.iter().map(|r| r.0 + r.1)),
+                });
+                let run = |path: KernelPath, tail: Option<PromptTail>, chunk| {
                     let (kc, vc) = (kc0.copy(), vc0.copy());
                     let pk = PagedKv {
                         key_cache: &kc,
@@ -780,16 +814,20 @@ fn paged_prompt_tails_match_the_kernel() -> Result<()> {
                         seqlens_k: &seqlens,
                         max_seqlen_q: longest(&mut reqs.iter().map(|r| r.1)),
                         max_seqlen_k: longest(&mut reqs.iter().map(|r| r.0 + r.1)),
-                        prompt_tail: Some(tail),
+                        prompt_tail: tail,
+                        continued_chunk: chunk,
                     };
-                    let out = CudaPagedAttention::new(0.125).with_path(path).run(&input, &pk);
+                    let kernel = CudaPagedAttention::new(0.125)
+                        .with_route_thresholds(PROMPT_ROUTE_MIN_TOKENS, chunk_min);
+                    let out = kernel.with_path(path).run(&input, &pk);
                     out.map(|o| (o, kc, vc))
                 };
                 let what = format!(
-                    "{kind:?} hd {hd}, block size {bs}, head {head:?}, prompts {prompts:?}"
+                    "{kind:?} hd {hd}, block size {bs}, head {head:?}, chunk {chunk:?}, prompts \
+                     {prompts:?}"
                 );
-                let (routed, kr, vr) = run(KernelPath::Auto, tail)?;
-                let (kernel, kk, vk) = run(KernelPath::TensorCores, tail)?;
+                let (routed, kr, vr) = run(KernelPath::Auto, tail, chunk)?;
+                let (kernel, kk, vk) = run(KernelPath::TensorCores, tail, chunk)?;
                 if !kr.equal(&kk) || !vr.equal(&vk) {
                     bail!("{what}: the routed step's caches differ from the kernel's");
                 }
@@ -798,11 +836,18 @@ fn paged_prompt_tails_match_the_kernel() -> Result<()> {
                     bail!("{what}: the new keys or values are not in their slots");
                 }
                 assert_close(&routed, &kernel, 2e-2, 2e-2, &format!("{what}: routed vs kernel"))?;
-                // Short tails stay on our kernel (the same bits); longer ones took libtorch's.
-                let (tail_routed, tail_kernel) =
-                    (routed.narrow(0, t0, t - t0), kernel.narrow(0, t0, t - t0));
-                if tail_routed.equal(&tail_kernel) != (t - t0 < prompt_route_min_tokens(hd)) {
-                    bail!("{what}: the automatic path's kernel is not the one its length picks");
+                // Long tails and chunks took libtorch's kernels (other bits); with neither, the
+                // step ran our kernel alone (the same bits).
+                let tail_routed = !prompts.is_empty() && t - t0 >= prompt_route_min_tokens(hd);
+                let chunk_routed = chunk.is_some_and(|c| chunk_flop(&c, hq, hd) >= chunk_min);
+                let same = |from: i64, len: i64| {
+                    routed.narrow(0, from, len).equal(&kernel.narrow(0, from, len))
+                };
+                if (tail_routed && same(t0, t - t0))
+                    || chunk.is_some_and(|c| chunk_routed && same(c.token, c.tokens))
+                    || (!tail_routed && !chunk_routed && !routed.equal(&kernel))
+                {
+                    bail!("{what}: the automatic path's kernels are not the ones lengths pick");
                 }
                 let mut first = 0;
                 for (r, &(c, l)) in reqs.iter().enumerate() {
@@ -830,10 +875,20 @@ fn paged_prompt_tails_match_the_kernel() -> Result<()> {
                     assert_close(&got, &reference, 2e-2, 2e-2, &format!("{what}: request {r}"))?;
                     first += l;
                 }
-                // A tail past the step is refused (before any write).
-                let past = PromptTail { request: n + 1, ..tail };
-                if run(KernelPath::Auto, past).is_ok() {
+                // A tail past the step, or a chunk after the tail's first request, is refused
+                // (before any write).
+                let past = PromptTail { request: n + 1, ..tail.unwrap_or(PromptTail::ALL) };
+                if run(KernelPath::Auto, Some(past), chunk).is_ok() {
                     bail!("{what}: a prompt tail at request {} was accepted", n + 1);
+                }
+                if let Some(c) = chunk {
+                    let late = ContinuedChunk { request: c.request + 1, ..c };
+                    if run(KernelPath::Auto, tail, Some(late)).is_ok() {
+                        bail!(
+                            "{what}: a continued chunk at request {} was accepted",
+                            c.request + 1
+                        );
+                    }
                 }
             }
         }
@@ -988,6 +1043,7 @@ fn programmatic_launches_equal_serial_ones() -> Result<()> {
                 max_seqlen_q: 1,
                 max_seqlen_k: len,
                 prompt_tail: None,
+                continued_chunk: None,
             };
             let input = CoreAttentionInput::new(&x, &x, &x, AttnMaskType::Causal);
             x = kernel.run(&input, &pk)?.view([n, 1, h, hd]);

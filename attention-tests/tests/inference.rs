@@ -17,7 +17,7 @@ use attention_inference::{
     DynamicContextOptions, DynamicInferenceContext, InferenceError, KvMemory,
     StaticInferenceContext,
 };
-use attention_spec::module::PromptTail;
+use attention_spec::module::{ContinuedChunk, PromptTail};
 use attention_spec::{ForwardError, Model};
 use attention_tests::{assert_close, test_devices};
 use tch::nn::VarStore;
@@ -302,6 +302,9 @@ struct Coverage {
     /// reference checks against the lengths).
     prompt_steps: usize,
     tail_steps: usize,
+    /// Steps whose last entry with cached keys is a prompt's chunk
+    /// (`PagedKv::continued_chunk`, which the CPU reference checks against the lengths).
+    chunk_steps: usize,
 }
 
 /// One random schedule.
@@ -443,6 +446,20 @@ fn run_schedule(seed: u64, device: Device, pk: &PagedKernel, cov: &mut Coverage)
         if got != want {
             bail!("seed {seed}: prompt tail {got:?}, expected {want:?}");
         }
+        // Its continued chunk is the head's last entry when that is a prompt's chunk.
+        let want = head.split_last().filter(|(e, _)| !e.decode).map(|(e, before)| ContinuedChunk {
+            request: before.len() as i64,
+            token: before.iter().map(|e| e.tokens).sum(),
+            tokens: e.tokens,
+            cached: e.start,
+            before_max_seqlen_q: before.iter().map(|e| e.tokens).max().unwrap_or(0),
+            before_max_seqlen_k: before.iter().map(|e| e.start + e.tokens).max().unwrap_or(0),
+        });
+        let got = ctx.step_metadata().context("step metadata")?.continued_chunk;
+        if got != want {
+            bail!("seed {seed}: continued chunk {got:?}, expected {want:?}");
+        }
+        cov.chunk_steps += usize::from(got.is_some());
         let parts: Vec<Tensor> = plan
             .entries
             .iter()
@@ -505,6 +522,7 @@ fn dynamic_random_schedules_equal_full_forward() -> Result<()> {
             || cov.mixed_steps < 200
             || cov.prompt_steps < 100
             || cov.tail_steps < 100
+            || cov.chunk_steps < 100
         {
             bail!("the schedules exercised too little: {cov:?}");
         }
