@@ -51,6 +51,7 @@ struct Params {
   int total_tokens;                    // query tokens of the launch (rows of out / part_o)
   float scale_log2;                    // softmax_scale * log2(e)
   int z_fastest;                       // static: grid (z, rows, tiles) instead of (tiles, rows, z)
+  int token0;                          // append: the launch's first token (cu_q holds absolute offsets)
 };
 
 template <typename T> __device__ __forceinline__ float to_f(T x);
@@ -1338,13 +1339,15 @@ __device__ void combine(const Params& p) {
 }
 
 // The paged cache's append alone, for steps whose attention another kernel computes from the
-// inputs (prompts without cached keys): block x copies new token x's keys and values, every
-// key/value head, to the slot the attention kernels' append gives it (its request's block table
-// at position seqlens_k - new tokens + its index), 16 bytes a thread at a time.
+// inputs (prompts without cached keys): block x copies new token token0 + x's keys and values,
+// every key/value head, to the slot the attention kernels' append gives it (its request's block
+// table at position seqlens_k - new tokens + its index), 16 bytes a thread at a time. cu_q,
+// kv_len and block_table start at the launch's first request; cu_q's offsets, like the rows of
+// k_new and v_new, count from the step's first token.
 template <typename T, int HD>
 __device__ void append_paged(const Params& p) {
   constexpr int VEC = 16 / sizeof(T);
-  const int tok = blockIdx.x;
+  const int tok = p.token0 + blockIdx.x;
   const int* cu = reinterpret_cast<const int*>(p.cu_q);
   // Its request: the last row whose tokens start at or before it (rows without tokens share
   // their start with the next row, so the last one is the row that has it).

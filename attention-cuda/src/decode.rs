@@ -1,6 +1,8 @@
 //! `flash_decode` over the static cache, and `paged-attention-cuda`, the fused
 //! `flash_decode_and_prefill` over the paged cache: both launch `kernels/attention.cu`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use attention_core::inference::{FlashDecode, StaticDecodeStep};
 use attention_core::sdpa::PlainSdpa;
 use attention_spec::ForwardError;
@@ -266,7 +268,9 @@ fn at_head_dim(tokens: i64, hd: i64) -> i64 {
 /// over its own new keys (causal), each with its log-sum-exp, and a merge kernel of ours
 /// combines the two into the chunk's rows; the requests before it run our kernel, sized by the
 /// chunk's `before_max_seqlen_q` and `before_max_seqlen_k`, and so do the prompts after it when
-/// they are too few to route. The other paths always run our kernel over the whole step.
+/// they are too few to route. Once cuDNN's attention fails for a chunk in a process (a GPU or
+/// build without it), continued chunks take our kernel, the failed call included. The other
+/// paths always run our kernel over the whole step.
 /// [`with_route_thresholds`](Self::with_route_thresholds) moves both thresholds.
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPagedAttention {
@@ -397,10 +401,12 @@ impl CudaPagedAttention {
                 || c.token + c.tokens != k
                 || (c.request == 0 && c.token != 0)
                 || c.cached < 1
+                || (c.cached + bs - 1) / bs > bt[1]
             {
                 return Err(Error::Input(format!(
                     "continued_chunk {c:?}: not the request that ends at request {r}, token {k} \
-                     (the prompt tail or the step's end) with cached keys"
+                     (the prompt tail or the step's end) with cached keys in at most {} blocks",
+                    bt[1]
                 )));
             }
         }
@@ -439,8 +445,21 @@ impl CudaPagedAttention {
             let tokens = t - tail.token;
             routable && tokens > 0 && tokens >= at_head_dim(self.route.0, hd)
         });
-        let chunk =
-            paged.continued_chunk.filter(|c| routable && chunk_flop(c, np, hd) >= self.route.1);
+        let chunk = paged.continued_chunk.filter(|c| {
+            routable
+                && !CUDNN_REFUSED.load(Ordering::Relaxed)
+                && chunk_flop(c, np, hd) >= self.route.1
+        });
+        // Its cuDNN calls first (before anything is written); where they fail, our kernel.
+        let (chunk, parts) =
+            match chunk.map(|c| (c, tch::no_grad(|| self.chunk_parts(input, paged, c)))) {
+                Some((c, Ok(parts))) => (Some(c), Some((c, parts))),
+                Some((_, Err(_))) => {
+                    CUDNN_REFUSED.store(true, Ordering::Relaxed);
+                    (None, None)
+                }
+                None => (None, None),
+            };
         // The first routed request and token, and the bounds of the requests before them.
         let first =
             chunk.map(|c| (c.request, c.token, c.before_max_seqlen_q, c.before_max_seqlen_k));
@@ -456,18 +475,14 @@ impl CudaPagedAttention {
         let attended = match tail {
             Some(tail) => {
                 let (r0, t0) = (tail.request, tail.token);
-                let cu = offsets(paged.cu_seqlens_q, r0, n, t0)?;
                 let part = |x: &Tensor| x.f_narrow(0, t0, t - t0);
                 let (q, k, v) = (part(input.query)?, part(input.key)?, part(input.value)?);
                 let shape = [n - r0, np, ngp, hd];
+                let cu = (r0, t0, paged.cu_seqlens_q);
                 let max_q = paged.max_seqlen_q;
-                let out = tch::no_grad(|| self.prompts((&q, &k, &v), &cu, max_q, shape))?;
+                let out = tch::no_grad(|| self.prompts((&q, &k, &v), cu, max_q, shape))?;
                 Some((tail, out))
             }
-            None => None,
-        };
-        let parts = match chunk {
-            Some(c) => Some((c, tch::no_grad(|| self.chunk_parts(input, paged, c))?)),
             None => None,
         };
         let elt = kind.elt_size_in_bytes() as u64;
@@ -479,8 +494,14 @@ impl CudaPagedAttention {
                 _ => (n, t),
             };
             if t2 > t1 {
-                let cu = offsets(paged.cu_seqlens_q, r1, r2, t1)?;
-                let p = from_request(p, r1, t1, &cu, rows);
+                // From request r1 on; the offsets and rows stay the step's.
+                let p = Params {
+                    cu_q: p.cu_q + 4 * r1 as u64,
+                    kv_len: p.kv_len + 4 * r1 as u64,
+                    block_table: p.block_table + 4 * (r1 * rows.table) as u64,
+                    token0: t1 as i32,
+                    ..p
+                };
                 append(kind, hd, ordinal, p, (r2 - r1, ngp, t2 - t1))?;
             }
             Ok(())
@@ -597,12 +618,13 @@ fn mergeable(x: Tensor, hd: i64) -> Result<Tensor, Error> {
 
 impl CudaPagedAttention {
     /// Causal attention of prompts over their own keys and values (see the type's
-    /// documentation): `q` `[tt, 1, np, hd]`, `k`, `v` `[tt, 1, ngp, hd]`, `cu` the `n + 1`
-    /// prompts' offsets in them, `max_q` at least the longest; out `[tt, 1, np * hd]`.
+    /// documentation): `q` `[tt, 1, np, hd]`, `k`, `v` `[tt, 1, ngp, hd]`, the `n` prompts
+    /// requests `r0..` of the step, from its token `t0` (`cu_seqlens_q` the step's offsets),
+    /// `max_q` at least the longest; out `[tt, 1, np * hd]`.
     fn prompts(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        cu: &Tensor,
+        (r0, t0, cu_seqlens_q): (i64, i64, &Tensor),
         max_q: i64,
         [n, np, ngp, hd]: [i64; 4],
     ) -> Result<Tensor, Error> {
@@ -611,12 +633,13 @@ impl CudaPagedAttention {
             let call = PlainSdpa { causal: true, scale: self.scale, dropout: 0.0, gqa: np != ngp };
             return crate::shim::sdpa_sbhd(q, k, v, LIBTORCH_CHOICE, &call);
         }
+        let cu = offsets(cu_seqlens_q, r0, r0 + n, t0)?;
         let [out, ..] = crate::shim::flash_varlen_forward(
             &q.f_view([tt, np, hd])?,
             &k.f_view([tt, ngp, hd])?,
             &v.f_view([tt, ngp, hd])?,
-            cu,
-            cu,
+            &cu,
+            &cu,
             max_q,
             max_q,
             0.0,
@@ -664,6 +687,10 @@ impl CudaPagedAttention {
 
 /// `sdpa_sbhd`'s backend code for "`scaled_dot_product_attention`, libtorch's choice".
 const LIBTORCH_CHOICE: i64 = -1;
+
+/// Set once cuDNN's attention failed for a continued chunk in this process (a GPU or cuDNN build
+/// without it, or any other failure): continued chunks then take our kernel.
+static CUDNN_REFUSED: AtomicBool = AtomicBool::new(false);
 
 impl CoreAttention for CudaPagedAttention {
     fn kind(&self) -> &'static str {

@@ -64,6 +64,8 @@ pub(crate) struct Params {
     pub scale_log2: f32,
     /// Static cache: the launch runs a row's (group, chunk, split) blocks side by side.
     pub z_fastest: i32,
+    /// Append: the launch's first token (its `cu_q` offsets count from the step's first).
+    pub token0: i32,
 }
 
 #[expect(unsafe_code, reason = "kernel parameter block")]
@@ -581,9 +583,11 @@ pub(crate) fn launch(
     Ok(())
 }
 
-/// Appends a paged step's new keys and values (`p.k_new`, `p.v_new`: `total_tokens` rows of
-/// `hkv` heads) to their slots, as the attention kernels do, without attending
-/// (`attn_append_*`: one block a token). The callers attend with another kernel.
+/// Appends a paged step's new keys and values (`p.k_new`, `p.v_new`: rows of `hkv` heads) of
+/// tokens `p.token0..p.token0 + total_tokens` to their slots, as the attention kernels do,
+/// without attending (`attn_append_*`: one block a token). `p.cu_q`, `p.kv_len` and
+/// `p.block_table` start at the launch's first request (`n_rows` of them); `cu_q`'s offsets,
+/// like the rows, count from the step's first token. The callers attend with another kernel.
 pub(crate) fn append(
     kind: Kind,
     hd: i64,
