@@ -1,11 +1,13 @@
 //! The kernels' parameter block and launch geometry (tiles, head chunks, split-KV).
 
+use std::sync::Arc;
+
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, sys};
 use tch::{Device, Kind, Tensor};
 
 use crate::Error;
 use crate::decode::KernelPath;
-use crate::runtime::{Tile, Variant, kernels};
+use crate::runtime::{Kernels, Tile, Variant, kernels};
 
 /// (token, head) pairs a block of the CUDA-core kernel keeps at most.
 pub(crate) const MAX_PAIRS: i64 = 8;
@@ -583,6 +585,18 @@ pub(crate) fn launch(
     Ok(())
 }
 
+/// The dtype's name and a kernel module for the entries every build holds (the append, the
+/// merge): the one the paged steps of this dtype and head dimension load anyway.
+fn every_build(kind: Kind, hd: i64, device: usize) -> Result<(&'static str, Arc<Kernels>), Error> {
+    let dtype = dtype_name(kind)?;
+    let tile = if tensor_cores_apply(kind, hd) {
+        Tile::TensorCores { rows: MMA_ROWS }
+    } else {
+        Tile::CudaCores { pairs: 1 }
+    };
+    Ok((dtype, kernels(device, Variant { dtype, head_dim: hd, tile })?))
+}
+
 /// Appends a paged step's new keys and values (`p.k_new`, `p.v_new`: rows of `hkv` heads) of
 /// tokens `p.token0..p.token0 + total_tokens` to their slots, as the attention kernels do,
 /// without attending (`attn_append_*`: one block a token). `p.cu_q`, `p.kv_len` and
@@ -595,15 +609,7 @@ pub(crate) fn append(
     mut p: Params,
     (n_rows, hkv, total_tokens): (i64, i64, i64),
 ) -> Result<(), Error> {
-    let dtype = dtype_name(kind)?;
-    // Any module holds the append; this is the one the paged steps of this dtype and head
-    // dimension load anyway.
-    let tile = if tensor_cores_apply(kind, hd) {
-        Tile::TensorCores { rows: MMA_ROWS }
-    } else {
-        Tile::CudaCores { pairs: 1 }
-    };
-    let k = kernels(device, Variant { dtype, head_dim: hd, tile })?;
+    let (dtype, k) = every_build(kind, hd, device)?;
     let threads = (WARPS * 32) as u32;
     let f = k.function(&format!("attn_append_{dtype}_{hd}"), threads, 0)?;
     let grid = u32::try_from(total_tokens)
@@ -625,13 +631,7 @@ pub(crate) fn append(
 /// Merges two attentions of the same queries over disjoint keys into `p.out` (see
 /// [`MergeParams`]); the caller checked the layouts (16-byte aligned rows, heads `hd` apart).
 pub(crate) fn merge(kind: Kind, hd: i64, device: usize, p: MergeParams) -> Result<(), Error> {
-    let dtype = dtype_name(kind)?;
-    let tile = if tensor_cores_apply(kind, hd) {
-        Tile::TensorCores { rows: MMA_ROWS }
-    } else {
-        Tile::CudaCores { pairs: 1 }
-    };
-    let k = kernels(device, Variant { dtype, head_dim: hd, tile })?;
+    let (dtype, k) = every_build(kind, hd, device)?;
     let threads = 256u32;
     let f = k.function(&format!("attn_merge_{dtype}_{hd}"), threads, 0)?;
     let lanes =
