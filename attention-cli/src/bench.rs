@@ -17,8 +17,8 @@
 //! * paged decode: `paged-attention-cuda` against gathering the pages and running SDPA;
 //! * mixed step: 64 decode requests plus one 2048-token prefill chunk in one call, against the
 //!   two parts in two calls and against the one call on the tensor-core kernel: a continued
-//!   chunk, and a prompt's first chunk (which the automatic path attends with libtorch's
-//!   kernels);
+//!   chunk and a prompt's first chunk (both of which the automatic path attends with
+//!   libtorch's kernels);
 //! * paged prefill: whole prompts (one, or several of one length; head dimension 128, and 64
 //!   for one prompt of 1024 or 4096) through `paged-attention-cuda` (each kernel path; the
 //!   automatic one takes libtorch's kernels from 1024 tokens at head dimension 128, 2048 at 64)

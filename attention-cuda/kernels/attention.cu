@@ -1338,8 +1338,8 @@ __device__ void combine(const Params& p) {
   }
 }
 
-// The paged cache's append alone, for steps whose attention another kernel computes from the
-// inputs (prompts without cached keys): block x copies new token token0 + x's keys and values,
+// The paged cache's append alone, for requests whose attention other kernels compute from the
+// inputs (prompts without cached keys, prompt chunks over a gathered copy of theirs): block x copies new token token0 + x's keys and values,
 // every key/value head, to the slot the attention kernels' append gives it (its request's block
 // table at position seqlens_k - new tokens + its index), 16 bytes a thread at a time. cu_q,
 // kv_len and block_table start at the launch's first request; cu_q's offsets, like the rows of
@@ -1401,8 +1401,10 @@ __device__ void merge_parts(const MergeParams& p) {
     const float ea = la == -INFINITY ? 0.f : expf(la - m);
     const float eb = lb == -INFINITY ? 0.f : expf(lb - m);
     const float wa = ea + eb > 0.f ? ea / (ea + eb) : 0.f;
-    const uint4 va = *reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(p.a) + tok * p.a_stride + h * HD + c);
-    const uint4 vb = *reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(p.b) + tok * p.b_stride + h * HD + c);
+    const T* a = reinterpret_cast<const T*>(p.a) + tok * p.a_stride + h * HD + c;
+    const T* b = reinterpret_cast<const T*>(p.b) + tok * p.b_stride + h * HD + c;
+    const uint4 va = *reinterpret_cast<const uint4*>(a);
+    const uint4 vb = *reinterpret_cast<const uint4*>(b);
     uint4 vo;
     const T* xa = reinterpret_cast<const T*>(&va);
     const T* xb = reinterpret_cast<const T*>(&vb);

@@ -226,12 +226,12 @@ pub fn prompt_route_min_tokens(hd: i64) -> i64 {
 /// Attention work ([`chunk_flop`]) from which a prompt's later chunk
 /// (`PagedKv::continued_chunk`) is attended by cuDNN over a gathered copy of its cached keys
 /// and over its own rather than by our kernel over the pages. Same-process bench on an H200
-/// (32/8 heads, bf16; TFLOP/s, routed vs our kernel, two processes), new tokens on cached ones
-/// at head dimension 128: 128 on 4096 (8.7 GFLOP) 82 vs 120, 256 on 1024 (4.8) 44-49 vs 68,
-/// 512 on 1536 (15.0) 142-145 vs 161, 256 on 4096 (17.7) 165 vs 141, 1024 on 1024 (25.8) 237-240
-/// vs 89, 512 on 3584 (32.2) 284 vs 183, 4096 on 4096 558-540 vs 240; at 64: 512 on 3584 (16.1)
-/// 88-155 vs 129-133, 1024 on 3072 (30.1) 185-261 vs 92. The route's host work is fixed, so
-/// the threshold is work, not tokens.
+/// (32/8 heads, bf16; TFLOP/s, routed vs our kernel, two processes; more hosts in
+/// BENCHMARKS.md), new tokens on cached ones at head dimension 128: 128 on 4096 (8.7 GFLOP) 82
+/// vs 120, 256 on 1024 (4.8) 44-49 vs 68, 512 on 1536 (15.0) 142-145 vs 161, 256 on 4096
+/// (17.7) 165 vs 141, 1024 on 1024 (25.8) 237-240 vs 89, 512 on 3584 (32.2) 284 vs 183, 4096
+/// on 4096 540-558 vs 240; at 64: 512 on 3584 (16.1) 88-155 vs 128-133, 1024 on 3072 (30.1)
+/// 185-261 vs 92. The route's host work is fixed, so the threshold is work, not tokens.
 pub const CHUNK_ROUTE_MIN_FLOP: f64 = 2e10;
 
 /// A continued chunk's attention work in FLOP with `heads` query heads of dimension `hd`:
@@ -265,10 +265,10 @@ fn at_head_dim(tokens: i64, hd: i64) -> i64 {
 /// longest prompt (the flash forward covers that many tokens of each).
 ///
 /// Likewise a prompt's later chunk (`PagedKv::continued_chunk`, the request before the tail) of
-/// at least [`CHUNK_ROUTE_MIN_FLOP`] of work ([`chunk_flop`]): its cached keys and values are gathered from
-/// its blocks into contiguous memory, cuDNN's kernel attends the chunk over them (no mask) and
-/// over its own new keys (causal), each with its log-sum-exp, and a merge kernel of ours
-/// combines the two into the chunk's rows; the requests before it run our kernel, sized by the
+/// at least [`CHUNK_ROUTE_MIN_FLOP`] of work ([`chunk_flop`]): its cached keys and values are
+/// gathered from its blocks into contiguous memory, cuDNN's kernel attends the chunk over them
+/// (no mask) and over its own new keys (causal), each with its log-sum-exp, and a merge kernel
+/// of ours combines the two into the chunk's rows; the requests before it run our kernel, sized by the
 /// chunk's `before_max_seqlen_q` and `before_max_seqlen_k`, and so do the prompts after it when
 /// they are too few to route. The other paths always run our kernel over the whole step.
 ///
@@ -626,8 +626,8 @@ fn mergeable(x: Tensor, hd: i64) -> Result<Tensor, Error> {
 impl CudaPagedAttention {
     /// Causal attention of prompts over their own keys and values (see the type's
     /// documentation): `q` `[tt, 1, np, hd]`, `k`, `v` `[tt, 1, ngp, hd]`, the `n` prompts
-    /// requests `r0..` of the step, from its token `t0` (`cu_seqlens_q` the step's offsets),
-    /// `max_q` at least the longest; out `[tt, 1, np * hd]`.
+    /// being requests `r0..` of the step, from its token `t0` (`cu_seqlens_q` the step's
+    /// offsets), `max_q` at least the longest; out `[tt, 1, np * hd]`.
     fn prompts(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
