@@ -720,3 +720,41 @@ impl CoreAttention for CudaPagedAttention {
         self.run(input, paged).map_err(Into::into)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The prompt route's token threshold scales as 128 / head dimension; the chunk route's is
+    /// attention work, which puts the bench's chunks (32 query heads, head dimension 128) on the
+    /// sides BENCHMARKS.md measured: 512 new tokens on 1536 cached and 256 on 4096 on our
+    /// kernel, 1024 on 1024 and 512 on 3584 routed; at head dimension 64, 512 on 3584 ours and
+    /// 1024 on 3072 routed.
+    #[test]
+    fn route_thresholds_split_the_measured_cases() {
+        assert_eq!([128, 64, 32].map(prompt_route_min_tokens), [1024, 2048, 4096]);
+        let chunk = |tokens, cached| ContinuedChunk {
+            request: 0,
+            token: 0,
+            tokens,
+            cached,
+            before_max_seqlen_q: 0,
+            before_max_seqlen_k: 0,
+        };
+        // 4 x heads x hd x tokens x (cached + tokens / 2).
+        assert_eq!(chunk_flop(&chunk(2048, 2048), 32, 128), 4.0 * 32.0 * 128.0 * 2048.0 * 3072.0);
+        let routed =
+            |tokens, cached, hd| chunk_flop(&chunk(tokens, cached), 32, hd) >= CHUNK_ROUTE_MIN_FLOP;
+        for (tokens, cached, hd, want) in [
+            (512, 1536, 128, false),
+            (256, 4096, 128, false),
+            (128, 4096, 128, false),
+            (1024, 1024, 128, true),
+            (512, 3584, 128, true),
+            (512, 3584, 64, false),
+            (1024, 3072, 64, true),
+        ] {
+            assert_eq!(routed(tokens, cached, hd), want, "{tokens} on {cached} at {hd}");
+        }
+    }
+}
