@@ -1,17 +1,20 @@
 // libtorch calls attention-cuda needs and tch does not bind: libtorch's current CUDA stream,
 // the SDPA backend switches, SDPA on Megatron's [s, b, h, d] layout in one call (cuDNN's kernel
 // directly once libtorch has chosen it) and what its choice depends on, and the
-// variable-length flash-attention forward and backward (packed THD sequences). Public ATen APIs
-// only; no CUDA headers. Exceptions become errors.
+// variable-length flash-attention forward and backward (packed THD sequences). Public ATen and
+// c10 APIs only (calls autograd does not record view their inputs through c10's TensorImpl
+// directly, without the dispatcher); no CUDA headers. Exceptions become errors.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/Stream.h>
+#include <c10/core/TensorImpl.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <initializer_list>
 #include <tuple>
 
 namespace {
@@ -20,6 +23,56 @@ void set_err(char* err, int64_t errlen, const char* msg) {
     std::strncpy(err, msg, errlen - 1);
     err[errlen - 1] = 0;
   }
+}
+
+// A view of `t`'s memory with other sizes and strides, made without libtorch's dispatcher (a
+// permute is two dispatched calls, about a microsecond of host time each). The view has no
+// autograd history: only for calls whose inputs autograd does not record (`untracked`).
+at::Tensor raw_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(),
+                                                   t.dtype());
+  impl->set_sizes_and_strides(sizes, strides, t.storage_offset());
+  return at::Tensor(std::move(impl));
+}
+
+// Whether autograd records nothing of a call on these tensors.
+bool untracked(std::initializer_list<const at::Tensor*> ts) {
+  if (!c10::GradMode::is_enabled()) return true;
+  for (const at::Tensor* t : ts)
+    if (t->requires_grad()) return false;
+  return true;
+}
+
+// [s, b, h, d] viewed [b, h, s, d] (SDPA's layout), raw where `raw`.
+at::Tensor bhsd(const at::Tensor& t, bool raw) {
+  if (!raw || t.dim() != 4) return t.permute({1, 2, 0, 3});
+  const int64_t sizes[4] = {t.size(1), t.size(2), t.size(0), t.size(3)};
+  const int64_t strides[4] = {t.stride(1), t.stride(2), t.stride(0), t.stride(3)};
+  return raw_view(t, sizes, strides);
+}
+
+// An output [b, h, s, d] back to [s, b, h, d]: a raw view where `raw`, else a permuted view.
+at::Tensor sbhd(const at::Tensor& o, bool raw) {
+  if (!raw || o.dim() != 4) return o.permute({2, 0, 1, 3});
+  const int64_t sizes[4] = {o.size(2), o.size(0), o.size(1), o.size(3)};
+  const int64_t strides[4] = {o.stride(2), o.stride(0), o.stride(1), o.stride(3)};
+  return raw_view(o, sizes, strides);
+}
+
+// `o` [b, h, s, d] as [s, b, h * d]: a raw view where `raw` and `o` already lies in that order
+// (cuDNN allocates its output in its query's layout), a contiguous copy where it does not.
+at::Tensor sbhd_flat(const at::Tensor& o, bool raw) {
+  if (raw && o.dim() == 4) {
+    const int64_t b = o.size(0), h = o.size(1), s = o.size(2), d = o.size(3);
+    const bool dense = (d <= 1 || o.stride(3) == 1) && (h <= 1 || o.stride(1) == d) &&
+                       (b <= 1 || o.stride(0) == h * d) && (s <= 1 || o.stride(2) == b * h * d);
+    if (dense) {
+      const int64_t sizes[3] = {s, b, h * d};
+      const int64_t strides[3] = {b * h * d, h * d, 1};
+      return raw_view(o, sizes, strides);
+    }
+  }
+  return o.permute({2, 0, 1, 3}).contiguous().view({o.size(2), o.size(0), -1});
 }
 }  // namespace
 
@@ -98,17 +151,16 @@ int attn_flash_varlen_bwd(at::Tensor* grad_out, at::Tensor* q, at::Tensor* k, at
 int attn_sdpa_sbhd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int64_t backend, double dropout,
                    int causal, double scale, int gqa, at::Tensor** out, char* err, int64_t errlen) {
   try {
-    const auto qp = q->permute({1, 2, 0, 3}), kp = k->permute({1, 2, 0, 3}), vp = v->permute({1, 2, 0, 3});
+    const bool raw = untracked({q, k, v});
+    const auto qp = bhsd(*q, raw), kp = bhsd(*k, raw), vp = bhsd(*v, raw);
     at::Tensor o;
     if (backend == 3) {
-      const bool lse =
-          c10::GradMode::is_enabled() && (q->requires_grad() || k->requires_grad() || v->requires_grad());
-      o = std::get<0>(at::_scaled_dot_product_cudnn_attention(qp, kp, vp, std::nullopt, lse, dropout, causal != 0,
+      o = std::get<0>(at::_scaled_dot_product_cudnn_attention(qp, kp, vp, std::nullopt, !raw, dropout, causal != 0,
                                                               false, scale));
     } else {
       o = at::scaled_dot_product_attention(qp, kp, vp, std::nullopt, dropout, causal != 0, scale, gqa != 0);
     }
-    *out = new at::Tensor(o.permute({2, 0, 1, 3}).contiguous().view({q->size(0), q->size(1), -1}));
+    *out = new at::Tensor(sbhd_flat(o, raw));
     return 0;
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
@@ -122,9 +174,10 @@ int attn_sdpa_sbhd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v
 int attn_cudnn_lse_sbhd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int causal, double scale,
                         at::Tensor** outs, char* err, int64_t errlen) {
   try {
-    const auto qp = q->permute({1, 2, 0, 3}), kp = k->permute({1, 2, 0, 3}), vp = v->permute({1, 2, 0, 3});
+    const bool raw = untracked({q, k, v});
+    const auto qp = bhsd(*q, raw), kp = bhsd(*k, raw), vp = bhsd(*v, raw);
     auto r = at::_scaled_dot_product_cudnn_attention(qp, kp, vp, std::nullopt, true, 0.0, causal != 0, false, scale);
-    auto o = std::get<0>(r).permute({2, 0, 1, 3});
+    auto o = sbhd(std::get<0>(r), raw);
     auto lse = std::get<1>(r).reshape({qp.size(0), qp.size(1), qp.size(2)});
     outs[0] = new at::Tensor(std::move(o));
     outs[1] = new at::Tensor(std::move(lse));
