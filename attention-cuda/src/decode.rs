@@ -14,8 +14,8 @@ use tch::{Kind, Tensor};
 use crate::Error;
 pub use crate::KernelPath;
 use crate::launch::{
-    Geometry, MergeParams, Params, append, check_head_dim, check_tensor, cuda_index, dtype_name,
-    launch, merge, scale_log2, tensor_cores_apply,
+    Geometry, MergeParams, Params, append, capturing, check_head_dim, check_tensor, cuda_index,
+    dtype_name, launch, merge, scale_log2, tensor_cores_apply,
 };
 use crate::shim::cudnn_with_lse;
 
@@ -457,6 +457,14 @@ impl CudaPagedAttention {
                 && !CUDNN_REFUSED.load(Ordering::Relaxed)
                 && chunk_flop(c, np, hd) >= self.route.1
         });
+        // A CUDA graph being captured would freeze the routes' host lengths (gathers, libtorch's
+        // shapes) for every replay: the whole step takes our kernel, which reads them on the GPU.
+        let (tail, chunk) = if (tail.is_some() || chunk.is_some()) && capturing(kind, hd, ordinal)?
+        {
+            (None, None)
+        } else {
+            (tail, chunk)
+        };
         // The first routed request and token, and the bounds of the requests before them.
         let first =
             chunk.map(|c| (c.request, c.token, c.before_max_seqlen_q, c.before_max_seqlen_k));

@@ -476,14 +476,11 @@ pub(crate) fn launch(
         }
     }
     let stream = k.torch_stream(device)?;
-    let capturing = || {
-        stream
-            .capture_status()
-            .map(|s| s != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
-            .map_err(|e| Error::Driver(format!("stream capture status: {e:?}")))
+    let keys = if geo.max_keys < geo.capacity && stream_capturing(&stream)? {
+        geo.capacity
+    } else {
+        geo.max_keys
     };
-    let keys =
-        if geo.max_keys < geo.capacity && capturing()? { geo.capacity } else { geo.max_keys };
     let max_splits = ((keys + MIN_SPLIT_KEYS - 1) / MIN_SPLIT_KEYS).max(1);
     let slots = attend.resident * k.sm_count;
     let nsplit = split_count(SplitInput {
@@ -595,6 +592,21 @@ fn every_build(kind: Kind, hd: i64, device: usize) -> Result<(&'static str, Arc<
         Tile::CudaCores { pairs: 1 }
     };
     Ok((dtype, kernels(device, Variant { dtype, head_dim: hd, tile })?))
+}
+
+/// Whether libtorch's current stream on `device` is capturing a CUDA graph (through the module
+/// the paged steps of this dtype and head dimension load anyway).
+pub(crate) fn capturing(kind: Kind, hd: i64, device: usize) -> Result<bool, Error> {
+    let (_, k) = every_build(kind, hd, device)?;
+    stream_capturing(&*k.torch_stream(device)?)
+}
+
+/// Whether `stream` is capturing a CUDA graph.
+fn stream_capturing(stream: &CudaStream) -> Result<bool, Error> {
+    let status = stream
+        .capture_status()
+        .map_err(|e| Error::Driver(format!("stream capture status: {e:?}")))?;
+    Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
 /// Appends a paged step's new keys and values (`p.k_new`, `p.v_new`: rows of `hkv` heads) of

@@ -702,13 +702,15 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
 /// shorter tails and chunks stay on our kernel, after a routed chunk too. Outputs match
 /// attention in fp32 (bottom-right causal over cached and new keys) and the tensor-core kernel
 /// over the whole step (the same bits where nothing is routed), and the caches equal that
-/// kernel's, bit for bit, for a block size of 16 and one of 96 (not a power of two). A tail
-/// outside the step and a chunk that is not the request before the tail are refused.
+/// kernel's, bit for bit, for a block size of 16 and one of 96 (not a power of two). A routed
+/// step captured into a CUDA graph replays as that kernel's step (bit for bit, caches too). A
+/// tail outside the step and a chunk that is not the request before the tail are refused.
 #[test]
 fn paged_prompt_tails_match_the_kernel() -> Result<()> {
     use attention_cuda::decode::{
         CudaPagedAttention, PROMPT_ROUTE_MIN_TOKENS, chunk_flop, prompt_route_min_tokens,
     };
+    use attention_cuda::graph::CudaGraph;
     use attention_spec::AttnMaskType;
     use attention_spec::module::{ContinuedChunk, CoreAttentionInput, PagedKv, PromptTail};
     tch::manual_seed(23);
@@ -848,6 +850,16 @@ fn paged_prompt_tails_match_the_kernel() -> Result<()> {
                     || (!tail_routed && !chunk_routed && !routed.equal(&kernel))
                 {
                     bail!("{what}: the automatic path's kernels are not the ones lengths pick");
+                }
+                if tail_routed || chunk_routed {
+                    // Captured into a CUDA graph, the automatic path takes our kernel over the
+                    // whole step: a replay gives its bits and caches.
+                    let (graph, (captured, kc, vc)) =
+                        CudaGraph::capture(0, || run(KernelPath::Auto, tail, chunk))?;
+                    graph.replay()?;
+                    if !captured.equal(&kernel) || !kc.equal(&kk) || !vc.equal(&vk) {
+                        bail!("{what}: the replay of a captured step is not our kernel's step");
+                    }
                 }
                 let mut first = 0;
                 for (r, &(c, l)) in reqs.iter().enumerate() {
