@@ -11,7 +11,10 @@
 //!   A step's long trailing prompts without cached keys go to libtorch's fused kernels on the
 //!   inputs, with only their append ours; a long prompt chunk over cached keys goes to cuDNN
 //!   twice (over its gathered cached keys, and causally over its own), merged by a kernel of
-//!   ours. Select it with `DynamicContextOptions::paged_attention`.
+//!   ours. Select it with `DynamicContextOptions::paged_attention`; its params
+//!   (`DynamicContextOptions::paged_attention_params`) are `kernel` ([`KernelPath`]) and the
+//!   routes' thresholds `prompt_route_min_tokens` and `chunk_route_min_flop` (see
+//!   [`decode::CudaPagedAttention::with_route_thresholds`]; 0 routes every one).
 //! * `sdpa-cuda` ([`sdpa::SdpaCuda`]): the SDPA core attention with the backend set from the spec
 //!   (`params = { backend = "cudnn" | "flash" | "efficient" | "math" | "auto" }`) and reported,
 //!   and packed THD sequences through libtorch's variable-length flash attention (forward and

@@ -433,20 +433,58 @@ fn build_sdpa_cuda(args: &CoreAttentionArgs<'_>) -> Result<Box<dyn CoreAttention
     Ok(Box::new(SdpaCuda::new(args)?))
 }
 
+/// The `paged-attention-cuda` kind's params: `kernel` ([`crate::KernelPath`]) and the
+/// automatic path's route thresholds, `prompt_route_min_tokens` (a step's trailing prompts'
+/// tokens at head dimension 128) and `chunk_route_min_flop` (a continued chunk's attention
+/// work), whose defaults were measured on H100 and H200 hosts (`decode::PROMPT_ROUTE_MIN_TOKENS`,
+/// `decode::CHUNK_ROUTE_MIN_FLOP`): 0 routes every one, a larger value (`inf` for the FLOP)
+/// fewer.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PagedCudaParams {
     #[serde(default)]
     kernel: crate::KernelPath,
+    #[serde(default)]
+    prompt_route_min_tokens: Option<i64>,
+    #[serde(default)]
+    chunk_route_min_flop: Option<f64>,
+}
+
+impl PagedCudaParams {
+    /// Refuses a negative threshold or a NaN one.
+    fn check(&self, place: &attention_spec::Place) -> Result<(), SpecError> {
+        let bad = |message: String| SpecError::Params {
+            place: place.key("params"),
+            kind: "paged-attention-cuda".into(),
+            message,
+        };
+        if let Some(t) = self.prompt_route_min_tokens.filter(|t| *t < 0) {
+            return Err(bad(format!("prompt_route_min_tokens = {t}: must be 0 or more")));
+        }
+        if let Some(f) = self.chunk_route_min_flop.filter(|f| f.is_nan() || *f < 0.0) {
+            return Err(bad(format!("chunk_route_min_flop = {f}: must be 0 or more")));
+        }
+        Ok(())
+    }
 }
 
 fn build_paged_cuda(args: &CoreAttentionArgs<'_>) -> Result<Box<dyn CoreAttention>, SpecError> {
     let params: PagedCudaParams = args.params.decode("paged-attention-cuda")?;
+    params.check(&args.params.place)?;
     #[cfg(feature = "cuda")]
     {
+        use crate::decode::{CHUNK_ROUTE_MIN_FLOP, CudaPagedAttention, PROMPT_ROUTE_MIN_TOKENS};
         let scale =
             args.config.softmax_scale.unwrap_or(1.0 / (args.config.kv_channels as f64).sqrt());
-        Ok(Box::new(crate::decode::CudaPagedAttention::new(scale).with_path(params.kernel)))
+        let route = (
+            params.prompt_route_min_tokens.unwrap_or(PROMPT_ROUTE_MIN_TOKENS),
+            params.chunk_route_min_flop.unwrap_or(CHUNK_ROUTE_MIN_FLOP),
+        );
+        Ok(Box::new(
+            CudaPagedAttention::new(scale)
+                .with_path(params.kernel)
+                .with_route_thresholds(route.0, route.1),
+        ))
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -572,9 +572,22 @@ fn dynamic_random_schedules_cuda_tensor_cores() -> Result<()> {
     cuda_schedules("kernel = \"tensor-cores\"", Kind::BFloat16, BF16_TOL, 120)
 }
 
-/// The paged kernel's params are checked when the context is built: an unknown kernel path is
-/// refused with the accepted ones, a known one passes (and, without CUDA, the kind then says
-/// what it needs).
+/// bf16 with every prompt tail and continued chunk routed to libtorch's kernels (thresholds 0),
+/// so the random schedules run the routes too (the defaults route none of their short steps).
+#[cfg(feature = "cuda")]
+#[test]
+fn dynamic_random_schedules_cuda_routes() -> Result<()> {
+    cuda_schedules(
+        "prompt_route_min_tokens = 0\nchunk_route_min_flop = 0",
+        Kind::BFloat16,
+        BF16_TOL,
+        120,
+    )
+}
+
+/// The paged kernel's params are checked when the context is built: an unknown kernel path or
+/// parameter and a negative or NaN route threshold are refused, saying which, valid ones pass
+/// (and, without CUDA, the kind then says what it needs).
 #[test]
 fn paged_attention_params_are_validated() -> Result<()> {
     attention_cuda::link();
@@ -604,13 +617,31 @@ fn paged_attention_params_are_validated() -> Result<()> {
     {
         bail!("unexpected error for an unknown kernel: {bad}");
     }
-    let good = build("kernel = \"tensor-cores\"")?;
-    if cfg!(feature = "cuda") {
-        if good != "built" {
-            bail!("a valid kernel was refused: {good}");
+    for (params, names) in [
+        ("prompt_route_min_tokens = -1", "prompt_route_min_tokens = -1"),
+        ("chunk_route_min_flop = -1e9", "chunk_route_min_flop = -1000000000"),
+        ("chunk_route_min_flop = nan", "chunk_route_min_flop = NaN"),
+        ("route = 1", "route"),
+    ] {
+        let bad = build(params)?;
+        if !(bad.contains(names) && bad.contains("paged-attention-cuda")) {
+            bail!("unexpected error for {params:?}: {bad}");
         }
-    } else if !good.contains("`cuda` feature") {
-        bail!("unexpected error without CUDA: {good}");
+    }
+    for params in [
+        "kernel = \"tensor-cores\"",
+        "prompt_route_min_tokens = 0\nchunk_route_min_flop = 0",
+        "prompt_route_min_tokens = 4096\nchunk_route_min_flop = 5e10",
+        "chunk_route_min_flop = inf",
+    ] {
+        let good = build(params)?;
+        if cfg!(feature = "cuda") {
+            if good != "built" {
+                bail!("valid params {params:?} were refused: {good}");
+            }
+        } else if !good.contains("`cuda` feature") {
+            bail!("unexpected error without CUDA for {params:?}: {good}");
+        }
     }
     Ok(())
 }
