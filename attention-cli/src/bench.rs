@@ -29,7 +29,8 @@
 //!
 //! Time: each function of a case (ours and its baselines) runs `iters` times between device
 //! synchronisations, repeated `reps` times in rounds that take every function of the case in
-//! turn (so clock and thermal drift during the case fall on all of them alike); the median
+//! turn (so clock and thermal drift during the case fall on all of them alike), each round
+//! starting one function later than the one before (so none always runs first); the median
 //! repeat is reported. The JSON also records the GPU and driver, the UTC date, and
 //! the commit HEAD named when the binary was built (uncommitted changes are not recorded).
 
@@ -104,7 +105,8 @@ mod imp {
     }
 
     /// Median seconds per call of each function over `reps` rounds; a round times every
-    /// function in turn, `iters` calls between device synchronisations.
+    /// function in turn, `iters` calls between device synchronisations, round `r` from
+    /// function `r % fs.len()` on.
     fn time_each(device: Device, reps: usize, fs: &mut [Timed<'_>]) -> Result<Vec<f64>> {
         for (_, f) in fs.iter_mut() {
             for _ in 0..2 {
@@ -112,9 +114,11 @@ mod imp {
             }
         }
         sync(device);
-        let mut t = vec![Vec::with_capacity(reps); fs.len()];
-        for _ in 0..reps {
-            for ((iters, f), t) in fs.iter_mut().zip(t.iter_mut()) {
+        let n = fs.len();
+        let mut t = vec![Vec::with_capacity(reps); n];
+        for r in 0..reps {
+            for i in (0..n).map(|j| (r + j) % n) {
+                let ((iters, f), t) = (&mut fs[i], &mut t[i]);
                 let s = Instant::now();
                 for _ in 0..*iters {
                     f()?;
