@@ -10,6 +10,7 @@
 #include <c10/core/Stream.h>
 #include <c10/core/TensorImpl.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <cstdint>
 #include <cstring>
@@ -28,10 +29,12 @@ void set_err(char* err, int64_t errlen, const char* msg) {
 // A view of `t`'s memory with other sizes and strides, made without libtorch's dispatcher (a
 // permute is two dispatched calls, about a microsecond of host time each). The view has no
 // autograd history: only for calls whose inputs autograd does not record (`untracked`).
+// It shares `t`'s version counter, so an in-place change through either shows on both.
 at::Tensor raw_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
   auto impl = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(),
                                                    t.dtype());
   impl->set_sizes_and_strides(sizes, strides, t.storage_offset());
+  impl->set_version_counter(t.unsafeGetTensorImpl()->version_counter());
   return at::Tensor(std::move(impl));
 }
 
@@ -74,6 +77,43 @@ at::Tensor sbhd_flat(const at::Tensor& o, bool raw) {
   }
   return o.permute({2, 0, 1, 3}).contiguous().view({o.size(2), o.size(0), -1});
 }
+
+// cuDNN's attention on [s, b, h, d] tensors as one autograd node: the forward and backward view
+// their tensors in SDPA's layout without the dispatcher (`raw_view`), where the same call made
+// of permutes and views records five more nodes, each with its own host work in the backward.
+// The backward is the one libtorch's derivative of `_scaled_dot_product_cudnn_attention` runs,
+// with the forward's log-sum-exp and random state.
+struct CudnnSbhd : public torch::autograd::Function<CudnnSbhd> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, double dropout, bool causal, double scale) {
+    auto r = at::_scaled_dot_product_cudnn_attention(bhsd(q, true), bhsd(k, true), bhsd(v, true), std::nullopt,
+                                                     true, dropout, causal, false, scale);
+    const at::Tensor& o = std::get<0>(r);
+    ctx->save_for_backward({q, k, v, o, std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<6>(r),
+                            std::get<7>(r)});
+    ctx->saved_data["max_q"] = std::get<4>(r).expect_int();
+    ctx->saved_data["max_k"] = std::get<5>(r).expect_int();
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    return sbhd_flat(o, true);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o = saved[3];
+    // The gradient in the output's layout ([s, b, h * d] dense, as `sbhd_flat` made it).
+    const at::Tensor g = grads[0].contiguous().view({o.size(2), o.size(0), o.size(1), o.size(3)});
+    auto r = at::_scaled_dot_product_cudnn_attention_backward(
+        bhsd(g, true), bhsd(q, true), bhsd(k, true), bhsd(v, true), o, saved[4], saved[7], saved[8], at::Tensor(),
+        saved[5], saved[6], ctx->saved_data["max_q"].toInt(), ctx->saved_data["max_k"].toInt(),
+        ctx->saved_data["dropout"].toDouble(), ctx->saved_data["causal"].toBool(),
+        ctx->saved_data["scale"].toDouble());
+    return {sbhd(std::get<0>(r), true), sbhd(std::get<1>(r), true), sbhd(std::get<2>(r), true), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
 }  // namespace
 
 extern "C" {
@@ -152,6 +192,10 @@ int attn_sdpa_sbhd(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v
                    int causal, double scale, int gqa, at::Tensor** out, char* err, int64_t errlen) {
   try {
     const bool raw = untracked({q, k, v});
+    if (backend == 3 && !raw) {
+      *out = new at::Tensor(CudnnSbhd::apply(*q, *k, *v, dropout, causal != 0, scale));
+      return 0;
+    }
     const auto qp = bhsd(*q, raw), kp = bhsd(*k, raw), vp = bhsd(*v, raw);
     at::Tensor o;
     if (backend == 3) {
