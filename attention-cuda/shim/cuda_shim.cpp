@@ -1,9 +1,10 @@
 // libtorch calls attention-cuda needs and tch does not bind: libtorch's current CUDA stream,
 // the SDPA backend switches, SDPA on Megatron's [s, b, h, d] layout in one call (cuDNN's kernel
 // directly once libtorch has chosen it) and what its choice depends on, and the
-// variable-length flash-attention forward and backward (packed THD sequences). Public ATen and
-// c10 APIs only (calls autograd does not record view their inputs through c10's TensorImpl
-// directly, without the dispatcher); no CUDA headers. Exceptions become errors.
+// variable-length flash-attention forward and backward (packed THD sequences). Public ATen, c10
+// and torch autograd APIs only (calls autograd does not record view their tensors through c10's
+// TensorImpl, without the dispatcher; a recorded cuDNN call is one autograd function); no CUDA
+// headers. Exceptions become errors.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/core/GradMode.h>
@@ -27,9 +28,9 @@ void set_err(char* err, int64_t errlen, const char* msg) {
 }
 
 // A view of `t`'s memory with other sizes and strides, made without libtorch's dispatcher (a
-// permute is two dispatched calls, about a microsecond of host time each). The view has no
-// autograd history: only for calls whose inputs autograd does not record (`untracked`).
-// It shares `t`'s version counter, so an in-place change through either shows on both.
+// permute goes through it twice). The view has no autograd history: only where autograd records
+// nothing (`untracked` calls, and inside `CudnnSbhd`'s forward and backward). It shares `t`'s
+// version counter, so an in-place change through either shows on both.
 at::Tensor raw_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
   auto impl = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(),
                                                    t.dtype());

@@ -24,10 +24,9 @@
 //! autograd node (a C++ autograd function over cuDNN's forward and backward, its views made
 //! the same way), where permutes and views added five: host-bound forward+backward passes ran
 //! x0.96-0.98 of SDPA default instead of x0.86 (medians of 12, two processes each). Packed
-//! sequences
-//! in fp16/bf16 without a caller mask or bias run `aten::_flash_attention_forward`/`_backward`
-//! on the packed layout (no `[t, t]` mask); other packed calls use the block-diagonal mask of
-//! the `sdpa` kind.
+//! sequences in fp16/bf16 without a caller mask or bias run
+//! `aten::_flash_attention_forward`/`_backward` on the packed layout (no `[t, t]` mask); other
+//! packed calls use the block-diagonal mask of the `sdpa` kind.
 
 #[cfg(feature = "cuda")]
 use std::sync::Mutex;
