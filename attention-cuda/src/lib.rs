@@ -42,6 +42,10 @@
 #![cfg_attr(not(feature = "cuda"), doc = "")]
 #![cfg_attr(not(feature = "cuda"), doc = "[`decode::CudaFlashDecode`]: #feature-flags")]
 #![cfg_attr(not(feature = "cuda"), doc = "[`decode::CudaPagedAttention`]: #feature-flags")]
+#![cfg_attr(
+    not(feature = "cuda"),
+    doc = "[`decode::CudaPagedAttention::with_route_thresholds`]: #feature-flags"
+)]
 #![cfg_attr(not(feature = "cuda"), doc = "[`graph::CudaGraph`]: #feature-flags")]
 #![cfg_attr(not(feature = "cuda"), doc = "[`runtime`]: #feature-flags")]
 
