@@ -29,8 +29,8 @@ void set_err(char* err, int64_t errlen, const char* msg) {
 
 // A view of `t`'s memory with other sizes and strides, made without libtorch's dispatcher (a
 // permute goes through it twice). The view has no autograd history: only where autograd records
-// nothing (`untracked` calls, and inside `CudnnSbhd`'s forward and backward). It shares `t`'s
-// version counter, so an in-place change through either shows on both.
+// nothing (`untracked` calls, `CudnnSbhd`'s forward, its backward outside `create_graph`). It
+// shares `t`'s version counter, so an in-place change through either shows on both.
 at::Tensor raw_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
   auto impl = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(),
                                                    t.dtype());
@@ -104,14 +104,18 @@ struct CudnnSbhd : public torch::autograd::Function<CudnnSbhd> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o = saved[3];
+    // Under `create_graph` autograd records this backward: dispatched views then, so that a
+    // second backward reaches libtorch's own refusal (cuDNN's backward has no derivative), as
+    // it does without this function.
+    const bool raw = !c10::GradMode::is_enabled();
     // The gradient in the output's layout ([s, b, h * d] dense, as `sbhd_flat` made it).
     const at::Tensor g = grads[0].contiguous().view({o.size(2), o.size(0), o.size(1), o.size(3)});
     auto r = at::_scaled_dot_product_cudnn_attention_backward(
-        bhsd(g, true), bhsd(q, true), bhsd(k, true), bhsd(v, true), o, saved[4], saved[7], saved[8], at::Tensor(),
+        bhsd(g, raw), bhsd(q, raw), bhsd(k, raw), bhsd(v, raw), o, saved[4], saved[7], saved[8], at::Tensor(),
         saved[5], saved[6], ctx->saved_data["max_q"].toInt(), ctx->saved_data["max_k"].toInt(),
         ctx->saved_data["dropout"].toDouble(), ctx->saved_data["causal"].toBool(),
         ctx->saved_data["scale"].toDouble());
-    return {sbhd(std::get<0>(r), true), sbhd(std::get<1>(r), true), sbhd(std::get<2>(r), true), at::Tensor(),
+    return {sbhd(std::get<0>(r), raw), sbhd(std::get<1>(r), raw), sbhd(std::get<2>(r), raw), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
 };
