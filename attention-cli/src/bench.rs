@@ -71,7 +71,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use anyhow::{Context, Result, bail};
     use attention_core::inference::{RotaryCosSin, StaticDecodeStep};
@@ -104,16 +104,27 @@ mod imp {
         (iters, Box::new(f))
     }
 
+    /// How long the functions of a [`time_each`] run before they are timed. A GPU that has
+    /// idled (while a case's inputs are made) boosts its clocks for the first milliseconds of
+    /// load and then settles at its sustained power limit: timed from a cold start, whichever
+    /// function runs first gains up to an eighth (seen on an H200, `benchmarks/aa-probe.py`).
+    const WARM_UP: Duration = Duration::from_millis(200);
+
     /// Median seconds per call of each function over `reps` rounds; a round times every
     /// function in turn, `iters` calls between device synchronisations, round `r` from
-    /// function `r % fs.len()` on.
+    /// function `r % fs.len()` on. Before the rounds, the functions run in turn (each at least
+    /// twice) until [`WARM_UP`] has passed.
     fn time_each(device: Device, reps: usize, fs: &mut [Timed<'_>]) -> Result<Vec<f64>> {
-        for (_, f) in fs.iter_mut() {
-            for _ in 0..2 {
+        let start = Instant::now();
+        for round in 0.. {
+            for (_, f) in fs.iter_mut() {
                 f()?;
             }
+            sync(device);
+            if round >= 1 && start.elapsed() >= WARM_UP {
+                break;
+            }
         }
-        sync(device);
         let n = fs.len();
         let mut t = vec![Vec::with_capacity(reps); n];
         for r in 0..reps {
