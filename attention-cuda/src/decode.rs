@@ -1,7 +1,7 @@
 //! `flash_decode` over the static cache, and `paged-attention-cuda`, the fused
 //! `flash_decode_and_prefill` over the paged cache: both launch `kernels/attention.cu`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use attention_core::inference::{FlashDecode, StaticDecodeStep};
 use attention_core::sdpa::PlainSdpa;
@@ -275,9 +275,9 @@ fn at_head_dim(tokens: i64, hd: i64) -> i64 {
 /// Our kernel is launched first, on the requests before the routed ones, so that the GPU runs
 /// it while the host prepares libtorch's calls (same-host A/B on an H200: a one-call mixed step
 /// 1-2% faster, as fast as its two parts in two calls). Invalid input is refused before any
-/// launch; a call whose libtorch work then fails (out of memory, or cuDNN's attention missing
-/// on the GPU: later continued chunks then take our kernel) returns the error with those
-/// requests' new keys and values written to their own slots, past every cached key.
+/// launch. Where a route's libtorch work fails (out of memory, cuDNN's attention missing on the
+/// GPU), our kernel attends those requests in the same call, and [`route_fallbacks`] counts
+/// it; after three continued chunks in a row fail, later ones take our kernel without trying.
 /// [`with_route_thresholds`](Self::with_route_thresholds) moves both thresholds.
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPagedAttention {
@@ -454,7 +454,7 @@ impl CudaPagedAttention {
         });
         let chunk = paged.continued_chunk.filter(|c| {
             routable
-                && !CUDNN_REFUSED.load(Ordering::Relaxed)
+                && CHUNK_ROUTE_FAILURES.load(Ordering::Relaxed) < CHUNK_ROUTE_MAX_FAILURES
                 && chunk_flop(c, np, hd) >= self.route.1
         });
         // A CUDA graph being captured would freeze the routes' host lengths (gathers, libtorch's
@@ -478,27 +478,24 @@ impl CudaPagedAttention {
         };
         let elt = kind.elt_size_in_bytes() as u64;
         let rows = Rows { q: (np * hd) as u64 * elt, kv: (ngp * hd) as u64 * elt, table: bt[1] };
-        // The routed requests' keys and values (the chunk's, then the tail's: adjacent).
-        let append_routed = || -> Result<(), Error> {
-            let (r2, t2) = match (tail, chunk) {
-                (None, Some(c)) => (c.request + 1, c.token + c.tokens),
-                _ => (n, t),
-            };
-            if t2 > t1 {
-                // From request r1 on; the offsets and rows stay the step's.
+        // The new keys and values of requests `r0..r2` (tokens from `t0`), which libtorch attended.
+        let append_from = |(r0, t0): (i64, i64), (r2, t2): (i64, i64)| -> Result<(), Error> {
+            if t2 > t0 {
+                // From request r0 on; the offsets and rows stay the step's.
                 let p = Params {
-                    cu_q: p.cu_q + 4 * r1 as u64,
-                    kv_len: p.kv_len + 4 * r1 as u64,
-                    block_table: p.block_table + 4 * (r1 * rows.table) as u64,
-                    token0: t1 as i32,
+                    cu_q: p.cu_q + 4 * r0 as u64,
+                    kv_len: p.kv_len + 4 * r0 as u64,
+                    block_table: p.block_table + 4 * (r0 * rows.table) as u64,
+                    token0: t0 as i32,
                     ..p
                 };
-                append(kind, hd, ordinal, p, (r2 - r1, ngp, t2 - t1))?;
+                append(kind, hd, ordinal, p, (r2 - r0, ngp, t2 - t0))?;
             }
             Ok(())
         };
         // The tail's prompts through libtorch.
         let tail_attention = |tail: PromptTail| -> Result<Tensor, Error> {
+            injected_route_failure()?;
             let (r0, t0) = (tail.request, tail.token);
             let part = |x: &Tensor| x.f_narrow(0, t0, t - t0);
             let (q, k, v) = (part(input.query)?, part(input.key)?, part(input.value)?);
@@ -509,13 +506,38 @@ impl CudaPagedAttention {
         if let (None, Some(tail)) = (chunk, tail)
             && tail.token == 0
         {
-            // Prompts only: libtorch's output is the step's (its failure writes nothing).
-            let out = tail_attention(tail)?;
-            append_routed()?;
-            return Ok(out);
+            // Prompts only: libtorch's output is the step's (its failure writes nothing, and our
+            // kernel takes the whole step).
+            match tail_attention(tail) {
+                Ok(out) => {
+                    append_from((0, 0), (n, t))?;
+                    return Ok(out);
+                }
+                Err(_) => {
+                    ROUTE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                    let out = empty()?;
+                    let p = Params { out: out.data_ptr() as u64, ..p };
+                    launch(true, self.path, kind, hd, ordinal, p, geo)?;
+                    return Ok(out);
+                }
+            }
         }
         let out = empty()?;
         let p = Params { out: out.data_ptr() as u64, ..p };
+        // Our kernel over requests `r0..r2` (tokens `t0..t2`, at most `max_q` queries and
+        // `max_k` keys each), appending their new keys and values.
+        let kernel = |(r0, t0): (i64, i64), (r2, t2): (i64, i64), max_q: i64, max_k: i64| {
+            let cu = offsets(paged.cu_seqlens_q, r0, r2, t0)?;
+            let part = Geometry {
+                n_rows: r2 - r0,
+                max_q,
+                max_keys: max_k,
+                capacity: max_k,
+                total_tokens: t2 - t0,
+                ..geo
+            };
+            launch(true, self.path, kind, hd, ordinal, from_request(p, r0, t0, &cu, rows), part)
+        };
         // Our kernel first, on the requests before the routed ones (it appends them): the GPU
         // runs it while the host prepares libtorch's calls.
         if t1 > 0 {
@@ -529,37 +551,43 @@ impl CudaPagedAttention {
             };
             launch(true, self.path, kind, hd, ordinal, p, head)?;
         }
+        // A route whose libtorch work fails (out of memory; cuDNN's attention missing) leaves its
+        // requests to our kernel within the call.
         let parts = match chunk {
             Some(c) => match tch::no_grad(|| self.chunk_parts(input, paged, c)) {
-                Ok(parts) => Some((c, parts)),
-                Err(e) => {
-                    CUDNN_REFUSED.store(true, Ordering::Relaxed);
-                    return Err(e);
+                Ok(parts) => {
+                    CHUNK_ROUTE_FAILURES.store(0, Ordering::Relaxed);
+                    Some((c, parts))
+                }
+                Err(_) => {
+                    CHUNK_ROUTE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    ROUTE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                    let keys = c.cached + c.tokens;
+                    let end = (c.request + 1, c.token + c.tokens);
+                    kernel((c.request, c.token), end, c.tokens, keys)?;
+                    None
                 }
             },
             None => None,
         };
+        // Prompts: as many keys as queries.
+        let longest = paged.max_seqlen_q;
         let attended = match tail {
-            Some(tail) => Some((tail, tail_attention(tail)?)),
+            Some(tail) => match tail_attention(tail) {
+                Ok(attended) => Some((tail, attended)),
+                Err(_) => {
+                    ROUTE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                    kernel((tail.request, tail.token), (n, t), longest, longest)?;
+                    None
+                }
+            },
             None => None,
         };
         // Prompts after a routed chunk that the route leaves (too few tokens): our kernel.
         if let Some(tl) = paged.prompt_tail.filter(|_| chunk.is_some() && tail.is_none())
             && tl.token < t
         {
-            let cu = offsets(paged.cu_seqlens_q, tl.request, n, tl.token)?;
-            // Prompts: as many keys as queries.
-            let longest = paged.max_seqlen_q;
-            let rest = Geometry {
-                n_rows: n - tl.request,
-                max_q: longest,
-                max_keys: longest,
-                capacity: longest,
-                total_tokens: t - tl.token,
-                ..geo
-            };
-            let p = from_request(p, tl.request, tl.token, &cu, rows);
-            launch(true, self.path, kind, hd, ordinal, p, rest)?;
+            kernel((tl.request, tl.token), (n, t), longest, longest)?;
         }
         // The chunk's two parts merged into its rows.
         if let Some((c, [a, lse_a, b, lse_b])) = &parts {
@@ -579,7 +607,16 @@ impl CudaPagedAttention {
             };
             merge(kind, hd, ordinal, m)?;
         }
-        append_routed()?;
+        // The keys and values of what libtorch attended (the chunk's, then the tail's: adjacent).
+        let chunk_range = parts
+            .as_ref()
+            .map(|(c, _)| ((c.request, c.token), (c.request + 1, c.token + c.tokens)));
+        let tail_range = attended.as_ref().map(|(tl, _)| ((tl.request, tl.token), (n, t)));
+        match (chunk_range, tail_range) {
+            (Some((from, _)), Some((_, to))) => append_from(from, to)?,
+            (Some((from, to)), None) | (None, Some((from, to))) => append_from(from, to)?,
+            (None, None) => {}
+        }
         if let Some((tail, attended)) = attended {
             out.f_narrow(0, tail.token, t - tail.token)?.f_copy_(&attended)?;
         }
@@ -677,6 +714,7 @@ impl CudaPagedAttention {
         paged: &PagedKv<'_>,
         c: ContinuedChunk,
     ) -> Result<[Tensor; 4], Error> {
+        injected_route_failure()?;
         let [nb, bs, ngp, hd] = size4("key_cache", paged.key_cache)?;
         let blocks = (c.cached + bs - 1) / bs;
         // Clamped into the cache: a table that breaks the promise reads wrong keys, never
@@ -703,9 +741,42 @@ impl CudaPagedAttention {
 /// `sdpa_sbhd`'s backend code for "`scaled_dot_product_attention`, libtorch's choice".
 const LIBTORCH_CHOICE: i64 = -1;
 
-/// Set once cuDNN's attention failed for a continued chunk in this process (a GPU or cuDNN build
-/// without it, or any other failure): later continued chunks take our kernel.
-static CUDNN_REFUSED: AtomicBool = AtomicBool::new(false);
+/// Continued chunks whose route failed in a row in this process (reset by one that does not).
+static CHUNK_ROUTE_FAILURES: AtomicU32 = AtomicU32::new(0);
+
+/// After this many route failures in a row (a GPU or cuDNN build without cuDNN's attention fails
+/// every time), later continued chunks take our kernel without trying the route.
+const CHUNK_ROUTE_MAX_FAILURES: u32 = 3;
+
+/// Routed parts of steps that our kernel attended instead, in this process.
+static ROUTE_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many routed parts of paged steps (prompt tails, continued chunks; see
+/// [`CudaPagedAttention`]) our kernel attended, in this process, because libtorch's kernels
+/// failed on them (out of memory, cuDNN's attention missing on the GPU).
+pub fn route_fallbacks() -> u64 {
+    ROUTE_FALLBACKS.load(Ordering::Relaxed)
+}
+
+/// Route failures still to inject (see [`inject_route_failures`]).
+static INJECTED_FAILURES: AtomicU32 = AtomicU32::new(0);
+
+/// For tests: the next `n` routed parts of paged steps, in this process, fail before they reach
+/// libtorch, as libtorch's failure would.
+#[doc(hidden)]
+pub fn inject_route_failures(n: u32) {
+    INJECTED_FAILURES.store(n, Ordering::Relaxed);
+}
+
+/// An injected route failure, if one is left.
+fn injected_route_failure() -> Result<(), Error> {
+    let left =
+        INJECTED_FAILURES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    match left {
+        Ok(_) => Err(Error::Torch("injected route failure".into())),
+        Err(_) => Ok(()),
+    }
+}
 
 impl CoreAttention for CudaPagedAttention {
     fn kind(&self) -> &'static str {

@@ -703,12 +703,14 @@ fn paged_kernel_is_exact_for_any_block_size() -> Result<()> {
 /// attention in fp32 (bottom-right causal over cached and new keys) and the tensor-core kernel
 /// over the whole step (the same bits where nothing is routed), and the caches equal that
 /// kernel's, bit for bit, for a block size of 16 and one of 96 (not a power of two). A routed
-/// step captured into a CUDA graph replays as that kernel's step (bit for bit, caches too). A
-/// tail outside the step and a chunk that is not the request before the tail are refused.
+/// step captured into a CUDA graph replays as that kernel's step (bit for bit, caches too); a
+/// step whose routes fail (injected) is our kernel's over those requests, counted. A tail
+/// outside the step and a chunk that is not the request before the tail are refused.
 #[test]
 fn paged_prompt_tails_match_the_kernel() -> Result<()> {
     use attention_cuda::decode::{
-        CudaPagedAttention, PROMPT_ROUTE_MIN_TOKENS, chunk_flop, prompt_route_min_tokens,
+        CudaPagedAttention, PROMPT_ROUTE_MIN_TOKENS, chunk_flop, inject_route_failures,
+        prompt_route_min_tokens, route_fallbacks,
     };
     use attention_cuda::graph::CudaGraph;
     use attention_spec::AttnMaskType;
@@ -850,6 +852,28 @@ fn paged_prompt_tails_match_the_kernel() -> Result<()> {
                     || (!tail_routed && !chunk_routed && !routed.equal(&kernel))
                 {
                     bail!("{what}: the automatic path's kernels are not the ones lengths pick");
+                }
+                // Routes whose libtorch work fails leave their requests to our kernel in the same
+                // call (failures injected into every route, then, where both are taken, into the
+                // chunk's alone): the kernel's caches and, within tolerance, its output.
+                let routes = u32::from(tail_routed) + u32::from(chunk_routed);
+                for failures in (1..=routes).rev() {
+                    let fallbacks = route_fallbacks();
+                    inject_route_failures(failures);
+                    let fell = run(KernelPath::Auto, tail, chunk);
+                    inject_route_failures(0);
+                    let (fell, kf, vf) = fell?;
+                    let counted = route_fallbacks() - fallbacks;
+                    if counted != u64::from(failures) {
+                        bail!("{what}: {failures} failed routes, {counted} fallbacks counted");
+                    }
+                    if !kf.equal(&kk) || !vf.equal(&vk) {
+                        bail!(
+                            "{what}: {failures} failed routes: the caches differ from the kernel's"
+                        );
+                    }
+                    let context = format!("{what}: {failures} failed routes vs kernel");
+                    assert_close(&fell, &kernel, 2e-2, 2e-2, &context)?;
                 }
                 if tail_routed || chunk_routed {
                     // Captured into a CUDA graph, the automatic path takes our kernel over the
