@@ -2,6 +2,17 @@
 // against SDPA default on [b, s, h, d] memory and cuDNN through libtorch on Megatron's [s, b, h, d]
 // memory (what sdpa-cuda calls). Plans come from cudnn-frontend's graph API with the build
 // policy ALL; plan 0 is the heuristics' first choice (the one libtorch builds).
+//
+// Built on the CPU machine against the project's PyTorch wheel, with the headers of the
+// nvidia-cudnn-frontend (1.32.0) and nvidia-cuda-cccl (13.x) wheels unpacked to $CFE and
+// $CCCL (SP: the venv's site-packages, T=$SP/torch):
+//   g++ -std=c++17 -O2 cudnn-plans-probe.cpp -o cudnn-plans-probe -I$T/include
+//     -I$T/include/torch/csrc/api/include -I$SP/nvidia/cu13/include -I$CCCL/nvidia/cu13/include
+//     -I$SP/nvidia/cudnn/include -I$CFE/include -L$T/lib -Wl,--no-as-needed -ltorch -ltorch_cuda
+//     -ltorch_cpu -lc10 -lc10_cuda -L$SP/nvidia/cudnn/lib -l:libcudnn.so.9
+//     -L$SP/nvidia/cu13/lib -l:libcudart.so.13 -l:libnvrtc.so.13
+// and run on the GPU machine with its torch/lib, nvidia/cudnn/lib and nvidia/cu13/lib on
+// LD_LIBRARY_PATH. Output: 2026-11-27-cudnn-plans-probe.txt.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
