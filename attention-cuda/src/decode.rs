@@ -1,6 +1,7 @@
 //! `flash_decode` over the static cache, and `paged-attention-cuda`, the fused
 //! `flash_decode_and_prefill` over the paged cache: both launch `kernels/attention.cu`.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use attention_core::inference::{FlashDecode, StaticDecodeStep};
@@ -758,24 +759,27 @@ pub fn route_fallbacks() -> u64 {
     ROUTE_FALLBACKS.load(Ordering::Relaxed)
 }
 
-/// Route failures still to inject (see [`inject_route_failures`]).
-static INJECTED_FAILURES: AtomicU32 = AtomicU32::new(0);
-
-/// For tests: the next `n` routed parts of paged steps, in this process, fail before they reach
-/// libtorch, as libtorch's failure would.
-#[doc(hidden)]
-pub fn inject_route_failures(n: u32) {
-    INJECTED_FAILURES.store(n, Ordering::Relaxed);
+thread_local! {
+    /// Route failures still to inject on this thread (see [`inject_route_failures`]).
+    static INJECTED_FAILURES: Cell<u32> = const { Cell::new(0) };
 }
 
-/// An injected route failure, if one is left.
+/// For tests: the next `n` routed parts of paged steps run on this thread fail before they
+/// reach libtorch, as libtorch's failure would.
+#[doc(hidden)]
+pub fn inject_route_failures(n: u32) {
+    INJECTED_FAILURES.with(|f| f.set(n));
+}
+
+/// An injected route failure, if one is left on this thread.
 fn injected_route_failure() -> Result<(), Error> {
-    let left =
-        INJECTED_FAILURES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-    match left {
-        Ok(_) => Err(Error::Torch("injected route failure".into())),
-        Err(_) => Ok(()),
-    }
+    INJECTED_FAILURES.with(|f| match f.get() {
+        0 => Ok(()),
+        n => {
+            f.set(n - 1);
+            Err(Error::Torch("injected route failure".into()))
+        }
+    })
 }
 
 impl CoreAttention for CudaPagedAttention {
