@@ -32,8 +32,9 @@
 //! turn (so clock and thermal drift during the case fall on all of them alike), each round
 //! starting one function later than the one before (so none always runs first), after the
 //! case's functions have run in turn for 200 ms (so the clocks an idle GPU boosts for its first
-//! milliseconds of load have settled); the median repeat is reported. The JSON also records the GPU and driver, the UTC date, and
-//! the commit HEAD named when the binary was built (uncommitted changes are not recorded).
+//! milliseconds of load have settled); the median repeat is reported. The JSON also records
+//! the GPU and driver, the UTC date, and the commit HEAD named when the binary was built
+//! (uncommitted changes are not recorded).
 
 use std::path::PathBuf;
 

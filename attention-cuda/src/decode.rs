@@ -479,7 +479,8 @@ impl CudaPagedAttention {
         };
         let elt = kind.elt_size_in_bytes() as u64;
         let rows = Rows { q: (np * hd) as u64 * elt, kv: (ngp * hd) as u64 * elt, table: bt[1] };
-        // The new keys and values of requests `r0..r2` (tokens from `t0`), which libtorch attended.
+        // Appends the new keys and values of requests `r0..r2` (tokens `t0..t2`), which libtorch
+        // attended.
         let append_from = |(r0, t0): (i64, i64), (r2, t2): (i64, i64)| -> Result<(), Error> {
             if t2 > t0 {
                 // From request r0 on; the offsets and rows stay the step's.
